@@ -1,0 +1,31 @@
+"""sinkhorn_ot: batched, differentiable entropic optimal transport for PyTorch.
+
+Example:
+    >>> import torch
+    >>> from sinkhorn_ot import sinkhorn
+    >>> res = sinkhorn(torch.rand(4, 6, 5), eps=0.05)
+    >>> res.plan.shape
+    torch.Size([4, 6, 5])
+"""
+
+from ._loop import KernelUnderflowError
+from .costs import cosine, euclidean, sqeuclidean
+from .exact import EMDResult, emd
+from .padding import pad_batch
+from .result import SinkhornResult
+from .solver import SinkhornConvergenceWarning, sinkhorn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMDResult",
+    "KernelUnderflowError",
+    "SinkhornConvergenceWarning",
+    "SinkhornResult",
+    "cosine",
+    "emd",
+    "euclidean",
+    "pad_batch",
+    "sinkhorn",
+    "sqeuclidean",
+]

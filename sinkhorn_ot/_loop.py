@@ -1,0 +1,127 @@
+"""The Sinkhorn loop of the torch backend: potentials in, potentials out.
+
+This is the reference every other backend must reproduce (same iterates, same
+stopping decisions, same iteration counts). The native backends implement
+:func:`solve_potentials` with the same signature and semantics.
+
+Iteration scheme (DESIGN §3): ``g = col(f0)``; then each iteration is ``f = row(g)``
+followed by ``g = col(f)``. Before each row update the marginal violation of the
+current ``(f, g)`` is known for free (see :func:`_updates.row_violation`); a problem
+whose violation is ``<= tol`` stops there, so its returned ``g`` is always ``col(f)``
+and its plan meets the column marginal exactly (Algorithm 1, line 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._updates import STEPS, row_violation, safe_log
+
+
+class KernelUnderflowError(FloatingPointError):
+    """Kernel-form iterations produced a non-finite potential (exp underflow)."""
+
+
+def eps_schedule(
+    eps: torch.Tensor, C: torch.Tensor, eps_scaling: float | None
+) -> tuple[torch.Tensor, int]:
+    """Starting eps ``(B,)`` of the annealing, and how many iterations it lasts.
+
+    With ``eps_scaling = s``, iteration ``t`` uses ``max(eps, eps0 * s**t)`` where
+    ``eps0`` is the cost scale ``max |C_ij|`` of each problem (never below ``eps``).
+    """
+    if eps_scaling is None:
+        return eps, 0
+    scale = C.detach().abs().amax(dim=(1, 2)).to(eps.dtype)
+    eps0 = torch.maximum(scale, eps.detach())
+    ratio = (eps0 / eps.detach()).double().log().max().item()
+    steps = int(torch.tensor(ratio / -torch.tensor(eps_scaling).log().item()).ceil().item())
+    return eps0, steps
+
+
+def solve_potentials(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: torch.Tensor,
+    f0: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    method: str,
+    eps_scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Sinkhorn iterations from ``f0``.
+
+    Args:
+        C: cost ``(B, N, M)``.
+        a, b: weights ``(B, N)``, ``(B, M)`` with equal masses; zeros mark padding.
+        eps: ``(B,)`` target regularisation.
+        f0: ``(B, N)`` initial row potential.
+        max_iter: number of (row, column) update pairs at most.
+        tol: stop a problem once its relative L1 marginal violation is ``<= tol``;
+            ``None`` runs exactly ``max_iter`` iterations.
+        method: ``"log"`` or ``"kernel"``.
+        eps_scaling: optional annealing factor in (0, 1), see :func:`eps_schedule`.
+
+    Returns:
+        ``f (B, N)``, ``g (B, M)``, ``n_iter (B,)`` int64, ``err (B,)`` float64: the
+        final potentials (not yet normalised), the iterations each problem ran and the
+        violation of the returned ``(f, g)``.
+
+    Raises:
+        KernelUnderflowError: a kernel-form potential became non-finite.
+    """
+    batch = C.shape[0]
+    log_a, log_b = safe_log(a), safe_log(b)
+    mass = a.sum(-1, dtype=torch.float64)
+    eps_col = eps.unsqueeze(-1)  # (B, 1)
+    eps_start, anneal_steps = eps_schedule(eps, C, eps_scaling)
+    step_cls = STEPS[method]
+
+    def eps_at(t: int) -> torch.Tensor:
+        if t >= anneal_steps:
+            return eps_col
+        return torch.maximum(eps_col, eps_start.unsqueeze(-1) * eps_scaling**t)
+
+    step = step_cls(C, log_a, log_b, eps_at(0))
+    f = f0
+    g = step.col(f)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=C.device)
+    err = torch.full((batch,), float("nan"), dtype=torch.float64, device=C.device)
+    active = torch.ones(batch, dtype=torch.bool, device=C.device)
+    for t in range(max_iter + 1):
+        if 0 < t <= anneal_steps:
+            step = step_cls(C, log_a, log_b, eps_at(t))
+        f_next = step.row(g)
+        last = t == max_iter
+        if tol is not None or last:
+            with torch.no_grad():
+                violation = row_violation(f, f_next, a, eps_at(t), mass)
+                if not bool(torch.isfinite(violation[active]).all()):
+                    _raise_non_finite(method)
+                err = torch.where(active, violation, err)
+                if tol is not None and t >= anneal_steps:
+                    active = active & ~(violation <= tol)
+            if last or not bool(active.any()):
+                break
+        keep = active.unsqueeze(-1)
+        f = torch.where(keep, f_next, f)
+        g = torch.where(keep, step.col(f), g)
+        n_iter += active
+    if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())):
+        _raise_non_finite(method)
+    return f, g, n_iter, err
+
+
+def _raise_non_finite(method: str) -> None:
+    if method == "kernel":
+        raise KernelUnderflowError(
+            "kernel-form Sinkhorn underflowed: exp(-C / eps) or a scaling vanished, giving "
+            "non-finite potentials. Use method='log' (stable for any eps), a larger `eps`, "
+            "or method='auto' to fall back automatically."
+        )
+    raise FloatingPointError(
+        "log-domain Sinkhorn produced non-finite potentials; check `C`, `a`, `b` and `eps` "
+        "for extreme values"
+    )

@@ -1,0 +1,242 @@
+"""Every check on user input, in one place.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong shape or value) with a message that names the argument, says what was expected
+and what was received. Nothing here uses ``assert``: user input must be checked even
+under ``python -O``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("log", "kernel", "auto")
+GRADS = ("implicit", "envelope", "unroll", "none")
+BACKENDS = ("auto", "torch", "native")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated, batched problem in its compute dtype.
+
+    Attributes:
+        C: cost, ``(B, N, M)``.
+        a: row weights, ``(B, N)``.
+        b: column weights, ``(B, M)``.
+        eps: regularisation, ``(B,)``.
+        batched: whether the user passed a batch (outputs keep the batch dimension).
+        input_dtype: dtype the user passed ``C`` in.
+    """
+
+    C: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    eps: torch.Tensor
+    batched: bool
+    input_dtype: torch.dtype
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 as they are."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {options}, got {value!r}")
+    return value
+
+
+def check_cost(C: object) -> torch.Tensor:
+    if not isinstance(C, torch.Tensor):
+        raise TypeError(f"`C` must be a torch.Tensor, got {type(C).__name__}")
+    if not C.is_floating_point():
+        raise TypeError(
+            f"`C` must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {C.dtype}; convert it with C.float() or C.double()"
+        )
+    if C.dim() not in (2, 3):
+        raise ValueError(
+            f"`C` must have shape (N, M) or (B, N, M), got {C.dim()} dimensions {_shape(C)}"
+        )
+    if C.shape[-1] == 0 or C.shape[-2] == 0 or (C.dim() == 3 and C.shape[0] == 0):
+        raise ValueError(f"`C` must have non-empty dimensions, got shape {_shape(C)}")
+    if not bool(torch.isfinite(C).all()):
+        n_bad = int((~torch.isfinite(C)).sum())
+        raise ValueError(
+            f"`C` must be finite, got {n_bad} NaN or infinite entries; "
+            "padding entries should be 0 (see pad_batch), not inf"
+        )
+    return C
+
+
+def check_weights(
+    name: str, w: object, shape: tuple[int, int], C: torch.Tensor, batched: bool
+) -> torch.Tensor | None:
+    """Validate ``a`` or ``b`` and return it batched, or ``None`` if it was ``None``."""
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor or None, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating tensor, got dtype {w.dtype}")
+    if w.device != C.device:
+        raise ValueError(f"`{name}` must be on the same device as `C` ({C.device}), got {w.device}")
+    if not batched:
+        expected = (shape[1],)
+        if _shape(w) != expected:
+            raise ValueError(f"`{name}` must have shape {expected} to match `C`, got {_shape(w)}")
+        w = w.unsqueeze(0)
+    elif _shape(w) != shape:
+        letter = "N" if name == "a" else "M"
+        raise ValueError(
+            f"`{name}` must have shape (B, {letter}) = {shape} to match `C`, got {_shape(w)}"
+        )
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"`{name}` must be finite, got NaN or infinite entries")
+    if bool((w < 0).any()):
+        raise ValueError(
+            f"`{name}` must be non-negative, got minimum {float(w.min()):.3g}; "
+            "zero weights mark padding"
+        )
+    empty = (w.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"`{name}` must have positive total mass in every problem, "
+            f"got all-zero weights in problem(s) {empty[:10]}"
+        )
+    return w
+
+
+def check_masses(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Balanced OT needs equal total mass per problem (up to rounding)."""
+    sa = a.sum(-1, dtype=torch.float64)
+    sb = b.sum(-1, dtype=torch.float64)
+    rtol = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    bad = ((sa - sb).abs() > rtol * torch.maximum(sa, sb)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"`a` and `b` must have the same total mass in every problem (balanced OT), "
+            f"got a.sum() = {float(sa[i]):.8g} and b.sum() = {float(sb[i]):.8g} in problem {i} "
+            f"({len(bad)} problem(s) differ); rescale one of them"
+        )
+
+
+def check_eps(eps: object, batch: int, batched: bool, C: torch.Tensor) -> torch.Tensor:
+    """Return eps as a ``(B,)`` tensor on C's device."""
+    if eps is None:
+        raise TypeError("`eps` is required: pass a positive float or a (B,) tensor")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real | torch.Tensor):
+        raise TypeError(f"`eps` must be a positive float or a tensor, got {type(eps).__name__}")
+    if isinstance(eps, torch.Tensor):
+        if not eps.is_floating_point():
+            raise TypeError(f"`eps` must be a floating tensor, got dtype {eps.dtype}")
+        if eps.device != C.device:
+            raise ValueError(
+                f"`eps` must be on the same device as `C` ({C.device}), got {eps.device}"
+            )
+        if eps.dim() == 0:
+            eps = eps.expand(batch)
+        elif _shape(eps) != (batch,) or not batched and batch != 1:
+            expected = f"(B,) = ({batch},)" if batched else "a scalar"
+            raise ValueError(f"`eps` must be {expected}, got shape {_shape(eps)}")
+        values = eps.detach()
+    else:
+        values = torch.tensor(float(eps))
+        eps = torch.full((batch,), float(eps), device=C.device)
+    if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+        raise ValueError(f"`eps` must be > 0 and finite, got {values.min().item():.6g}")
+    return eps
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_tol(tol: object) -> float | None:
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"`tol` must be a positive float or None, got {type(tol).__name__}")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0 (or None to run exactly max_iter iterations), got {tol}")
+    return float(tol)
+
+
+def check_eps_scaling(eps_scaling: object) -> float | None:
+    if eps_scaling is None:
+        return None
+    if isinstance(eps_scaling, bool) or not isinstance(eps_scaling, numbers.Real):
+        raise TypeError(
+            f"`eps_scaling` must be None or a float in (0, 1), got {type(eps_scaling).__name__}"
+        )
+    if not 0 < eps_scaling < 1:
+        raise ValueError(f"`eps_scaling` must be None or a float in (0, 1), got {eps_scaling}")
+    return float(eps_scaling)
+
+
+def check_init(
+    init: object, batch: int, n: int, m: int, batched: bool, C: torch.Tensor
+) -> torch.Tensor | None:
+    """Validate a warm start ``(f, g)``; return ``f`` batched (the loop starts from f)."""
+    if init is None:
+        return None
+    if not isinstance(init, tuple | list) or len(init) != 2:
+        raise TypeError(f"`init` must be a pair (f, g) of tensors or None, got {type(init).__name__}")
+    shapes = ((batch, n), (batch, m)) if batched else ((n,), (m,))
+    out = []
+    for name, t, shape in zip(("init[0] (f)", "init[1] (g)"), init, shapes):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"`{name}` must be a floating tensor, got {got}")
+        if _shape(t) != shape:
+            raise ValueError(f"`{name}` must have shape {shape}, got {_shape(t)}")
+        if t.device != C.device:
+            raise ValueError(f"`{name}` must be on the same device as `C` ({C.device}), got {t.device}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` must be finite")
+        out.append(t if batched else t.unsqueeze(0))
+    return out[0]
+
+
+def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
+    """Validate ``C, a, b, eps`` and return them batched, in the compute dtype.
+
+    ``None`` weights become uniform; if only one of ``a``/``b`` is given the other is
+    uniform with the same total mass.
+    """
+    C = check_cost(C)
+    batched = C.dim() == 3
+    Cb = C if batched else C.unsqueeze(0)
+    batch, n, m = Cb.shape
+    a_b = check_weights("a", a, (batch, n), C, batched)
+    b_b = check_weights("b", b, (batch, m), C, batched)
+    dtype = compute_dtype(C.dtype)
+    Cb = Cb.to(dtype)
+    mass = None
+    if a_b is not None:
+        mass = a_b.to(dtype).sum(-1, keepdim=True)
+    elif b_b is not None:
+        mass = b_b.to(dtype).sum(-1, keepdim=True)
+    if mass is None:
+        mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
+    a_b = a_b.to(dtype) if a_b is not None else (mass / n).expand(batch, n)
+    b_b = b_b.to(dtype) if b_b is not None else (mass / m).expand(batch, m)
+    check_masses(a_b, b_b)
+    eps_b = check_eps(eps, batch, batched, C).to(dtype)
+    return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)

@@ -1,0 +1,88 @@
+"""Ragged batches: pad problems of different sizes into one ``(B, N, M)`` batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pad_batch(
+    list_of_C: Sequence[torch.Tensor],
+    list_of_a: Sequence[torch.Tensor | None] | None = None,
+    list_of_b: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack ragged problems into one padded batch.
+
+    Costs are zero-padded (any finite value would do: padded entries get zero weight,
+    so their plan entries are exactly zero). Weights are zero-padded; a missing weight
+    vector is uniform with mass 1 (or the mass of the other side, if given).
+
+    Args:
+        list_of_C: ``B`` costs of shapes ``(N_k, M_k)``, same dtype and device.
+        list_of_a: ``B`` row weights ``(N_k,)`` or ``None`` entries; ``None`` = uniform.
+        list_of_b: ``B`` column weights ``(M_k,)`` or ``None`` entries.
+
+    Returns:
+        ``C (B, N, M)``, ``a (B, N)``, ``b (B, M)`` with ``N = max N_k``, ``M = max M_k``.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import pad_batch, sinkhorn
+        >>> C, a, b = pad_batch([torch.rand(2, 3), torch.rand(4, 1)])
+        >>> C.shape, a[0].tolist()
+        (torch.Size([2, 4, 3]), [0.5, 0.5, 0.0, 0.0])
+        >>> sinkhorn(C, a, b, eps=0.1).plan[0, 2:].abs().max().item()
+        0.0
+    """
+    if isinstance(list_of_C, torch.Tensor) or not isinstance(list_of_C, Sequence):
+        raise TypeError(
+            f"`list_of_C` must be a list of (N_k, M_k) tensors, got {type(list_of_C).__name__}"
+        )
+    if len(list_of_C) == 0:
+        raise ValueError("`list_of_C` must hold at least one cost matrix, got an empty list")
+    count = len(list_of_C)
+    list_of_a = _check_list("list_of_a", list_of_a, count)
+    list_of_b = _check_list("list_of_b", list_of_b, count)
+    first = list_of_C[0]
+    for k, C in enumerate(list_of_C):
+        if not isinstance(C, torch.Tensor) or C.dim() != 2:
+            got = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+            raise ValueError(f"`list_of_C[{k}]` must be a 2-D (N_k, M_k) tensor, got {got}")
+        if C.dtype != first.dtype or C.device != first.device:
+            raise ValueError(
+                f"`list_of_C[{k}]` must share dtype and device with list_of_C[0] "
+                f"({first.dtype}, {first.device}), got ({C.dtype}, {C.device})"
+            )
+    n = max(C.shape[0] for C in list_of_C)
+    m = max(C.shape[1] for C in list_of_C)
+    kw = {"dtype": first.dtype, "device": first.device}
+    C_out = torch.zeros(count, n, m, **kw)
+    a_out = torch.zeros(count, n, **kw)
+    b_out = torch.zeros(count, m, **kw)
+    for k, C in enumerate(list_of_C):
+        nk, mk = C.shape
+        a_k = _weights("list_of_a", k, list_of_a[k], nk, list_of_b[k], C)
+        b_k = _weights("list_of_b", k, list_of_b[k], mk, list_of_a[k], C)
+        C_out[k, :nk, :mk] = C
+        a_out[k, :nk] = a_k
+        b_out[k, :mk] = b_k
+    return C_out, a_out, b_out
+
+
+def _check_list(name, values, count):
+    if values is None:
+        return [None] * count
+    if len(values) != count:
+        raise ValueError(f"`{name}` must have one entry per cost matrix ({count}), got {len(values)}")
+    return list(values)
+
+
+def _weights(name, k, w, size, other, C):
+    if w is None:
+        mass = other.sum() if other is not None else torch.ones((), dtype=C.dtype, device=C.device)
+        return (mass / size).to(C.dtype).expand(size)
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (size,):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"`{name}[{k}]` must have shape ({size},) to match list_of_C[{k}], got {got}")
+    return w

@@ -1,0 +1,196 @@
+"""``sinkhorn()``: validate, choose method and backend, run the loop, build the result."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _validation as v
+from . import native
+from ._loop import KernelUnderflowError, solve_potentials
+from ._updates import log_plan, safe_log
+from .result import SinkhornResult
+
+
+class SinkhornConvergenceWarning(UserWarning):
+    """Some problems of a batch did not reach ``tol`` within ``max_iter`` iterations."""
+
+
+#: ``method="auto"`` uses the kernel form only while ``max |C| / eps`` stays below this,
+#: far from where ``exp(-C / eps)`` underflows (about 87 in float32, 708 in float64).
+KERNEL_SAFE_RANGE = {torch.float32: 50.0, torch.float64: 500.0}
+
+_DEFAULT_TOL = 1e-5
+
+
+def sinkhorn(
+    C: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    eps: float | torch.Tensor,
+    method: str = "log",
+    max_iter: int = 1000,
+    tol: float | None = _DEFAULT_TOL,
+    grad: str = "unroll",
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eps_scaling: float | None = None,
+    backend: str = "auto",
+) -> SinkhornResult:
+    """Solve a batch of entropic optimal transport problems.
+
+    Minimises ``<C, P> + eps * KL(P || a b^T)`` over plans ``P >= 0`` with row sums
+    ``a`` and column sums ``b``, by Sinkhorn iterations on the potentials of
+    ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``. One iteration updates ``g``
+    (columns) then ``f`` (rows); the plan uses a ``g`` recomputed from the last ``f``,
+    so ``method="kernel", max_iter=T, tol=None`` is exactly Algorithm 1 of the ELIM
+    appendix (u initialised to 1/n, T updates of u, then v = b / K^T u).
+
+    Args:
+        C: cost, ``(N, M)`` or ``(B, N, M)``, float16/bfloat16 (computed in float32),
+            float32 or float64. Unbatched input gives unbatched outputs.
+        a: row weights ``(N,)``/``(B, N)``, non-negative; ``None`` = uniform (with the
+            mass of ``b`` if ``b`` is given, else 1). Zero weights mark padding and give
+            exactly-zero plan rows.
+        b: column weights ``(M,)``/``(B, M)``; same total mass as ``a`` per problem.
+        eps: regularisation ``> 0``, a float or a ``(B,)`` tensor.
+        method: ``"log"`` (log-sum-exp, stable for any eps), ``"kernel"`` (``u, v``
+            scalings with ``K = exp(-C / eps)``: faster, raises
+            :class:`KernelUnderflowError` when it underflows) or ``"auto"`` (kernel
+            while ``max|C|/eps`` is small, log otherwise or on underflow).
+        max_iter: maximum number of iterations.
+        tol: stop each problem once ``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a) <= tol``
+            (checked every iteration; converged problems stop updating). ``None`` runs
+            exactly ``max_iter`` iterations; ``converged`` then reports ``err <= 1e-5``.
+        grad: ``"unroll"`` (autograd through every iteration) or ``"none"`` (detached
+            results). ``"implicit"`` and ``"envelope"`` are not implemented yet.
+        init: warm start ``(f, g)``, e.g. the potentials of an earlier result. The loop
+            starts with a column update, so only ``f`` determines the iterates.
+        eps_scaling: ``None`` or a factor ``s`` in (0, 1): iteration ``t`` uses
+            ``max(eps, max|C| * s**t)``, annealing from the cost scale down to ``eps``.
+        backend: ``"auto"`` (native if available for the device and dtype, else torch),
+            ``"torch"`` or ``"native"`` (error if unavailable).
+
+    Returns:
+        :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
+        ``value``, ``value_linear``, ``n_iter``, ``err``, ``converged`` (all ``(B,)``)
+        and the ``method``/``backend`` used. A problem that did not reach ``tol`` has
+        ``converged=False`` and one :class:`SinkhornConvergenceWarning` is issued.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import sinkhorn
+        >>> C = torch.rand(8, 5, 7, dtype=torch.float64)
+        >>> res = sinkhorn(C, eps=0.1)
+        >>> res.plan.shape, bool(res.converged.all())
+        (torch.Size([8, 5, 7]), True)
+        >>> torch.allclose(res.plan.sum(-1), torch.full((8, 5), 1 / 5, dtype=torch.float64), atol=1e-5)
+        True
+    """
+    method = v.check_choice("method", method, v.METHODS)
+    grad = v.check_choice("grad", grad, v.GRADS)
+    backend = v.check_choice("backend", backend, v.BACKENDS)
+    max_iter = v.check_int("max_iter", max_iter, 0)
+    tol = v.check_tol(tol)
+    eps_scaling = v.check_eps_scaling(eps_scaling)
+    problem = v.check_problem(C, a, b, eps)
+    Cb, ab, bb, eps_b = problem.C, problem.a, problem.b, problem.eps
+    batch, n, m = Cb.shape
+    f0 = v.check_init(init, batch, n, m, problem.batched, Cb)
+    if grad in ("implicit", "envelope"):
+        raise NotImplementedError(
+            f"grad={grad!r} is not implemented yet; use grad='unroll' (autograd through the "
+            "iterations) or grad='none'"
+        )
+    if f0 is None:
+        f0 = _default_init(ab, eps_b)
+    else:
+        f0 = f0.to(Cb.dtype)
+
+    backend_used = _select_backend(backend, Cb, grad)
+    methods = _candidate_methods(method, Cb, eps_b)
+    context = torch.no_grad() if grad == "none" else torch.enable_grad()
+    with context:
+        for i, method_used in enumerate(methods):
+            try:
+                f, g, n_iter, err = _run(
+                    backend_used, Cb, ab, bb, eps_b, f0, max_iter, tol, method_used, eps_scaling
+                )
+                break
+            except KernelUnderflowError:
+                if i + 1 == len(methods):
+                    raise
+        result = _build_result(Cb, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+    if tol is not None and not bool(result.converged.all()):
+        bad = (~result.converged).nonzero().flatten().tolist()
+        warnings.warn(
+            f"sinkhorn did not reach tol={tol:g} within max_iter={max_iter} iterations in "
+            f"{len(bad)} of {batch} problem(s) (e.g. problem {bad[0]}, err="
+            f"{float(result.err[bad[0]]):.3g}); raise max_iter, raise eps, or use eps_scaling",
+            SinkhornConvergenceWarning,
+            stacklevel=2,
+        )
+    return result if problem.batched else _unbatch(result)
+
+
+def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``f0 = -eps log a`` makes the scaling ``u = a exp(f / eps)`` uniform, as the
+    paper's ``u = 1/n`` start does (a constant factor in u cancels in the first
+    column update). Padding rows start at 0."""
+    positive = a > 0
+    return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
+
+
+def _select_backend(backend: str, C: torch.Tensor, grad: str) -> str:
+    if backend == "torch":
+        return "torch"
+    ok, reason = native.availability(C.device, C.dtype)
+    if backend == "native":
+        if not ok:
+            raise RuntimeError(f"backend='native' is not available: {reason}")
+        if grad == "unroll":
+            raise ValueError(
+                "backend='native' cannot unroll autograd through its loop; use grad='implicit', "
+                "'envelope' or 'none', or backend='torch' for grad='unroll'"
+            )
+        return "native"
+    return "native" if ok and grad != "unroll" else "torch"
+
+
+def _candidate_methods(method: str, C: torch.Tensor, eps: torch.Tensor) -> tuple[str, ...]:
+    if method != "auto":
+        return (method,)
+    scale = (C.detach().abs().amax(dim=(1, 2)) / eps.detach()).max().item()
+    if scale <= KERNEL_SAFE_RANGE.get(C.dtype, 50.0):
+        return ("kernel", "log")
+    return ("log",)
+
+
+def _run(backend, C, a, b, eps, f0, max_iter, tol, method, eps_scaling):
+    solve = native.solve_potentials if backend == "native" else solve_potentials
+    return solve(
+        C, a, b, eps, f0, max_iter=max_iter, tol=tol, method=method, eps_scaling=eps_scaling
+    )
+
+
+def _build_result(C, a, b, eps, f, g, n_iter, err, tol, method, backend) -> SinkhornResult:
+    mass = a.sum(-1)  # (B,)
+    # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
+    shift = ((g * b).sum(-1) - (f * a).sum(-1)) / (2 * mass)  # (B,)
+    f = f + shift.unsqueeze(-1)
+    g = g - shift.unsqueeze(-1)
+    plan = log_plan(C, safe_log(a), safe_log(b), f, g, eps.unsqueeze(-1))
+    value = (f * a).sum(-1) + (g * b).sum(-1)
+    value_linear = (C * plan).sum(dim=(1, 2))
+    converged = err <= (tol if tol is not None else _DEFAULT_TOL)
+    return SinkhornResult(
+        plan, f, g, value, value_linear, n_iter, err, converged, method, backend
+    )
+
+
+def _unbatch(r: SinkhornResult) -> SinkhornResult:
+    return SinkhornResult(
+        r.plan[0], r.f[0], r.g[0], r.value[0], r.value_linear[0], r.n_iter[0], r.err[0],
+        r.converged[0], r.method, r.backend,
+    )
