@@ -118,11 +118,15 @@ def check_weights(
     return w
 
 
-def check_masses(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Balanced OT needs equal total mass per problem (up to rounding)."""
+def check_masses(a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+    """Balanced OT needs equal total mass per problem, up to the rounding of ``input_dtype``.
+
+    Returns ``b`` rescaled to the mass of ``a`` so the remaining rounding difference
+    cannot keep the iterations from converging.
+    """
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
-    rtol = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) ** 0.5
+    rtol = torch.finfo(input_dtype).eps ** 0.5
     bad = ((sa - sb).abs() > rtol * torch.maximum(sa, sb)).nonzero().flatten()
     if len(bad):
         i = int(bad[0])
@@ -131,6 +135,7 @@ def check_masses(a: torch.Tensor, b: torch.Tensor) -> None:
             f"got a.sum() = {float(sa[i]):.8g} and b.sum() = {float(sb[i]):.8g} in problem {i} "
             f"({len(bad)} problem(s) differ); rescale one of them"
         )
+    return b * (sa / sb).to(b.dtype).unsqueeze(-1)
 
 
 def check_eps(eps: object, batch: int, batched: bool, C: torch.Tensor) -> torch.Tensor:
@@ -148,13 +153,13 @@ def check_eps(eps: object, batch: int, batched: bool, C: torch.Tensor) -> torch.
             )
         if eps.dim() == 0:
             eps = eps.expand(batch)
-        elif _shape(eps) != (batch,) or not batched and batch != 1:
+        elif _shape(eps) != (batch,) or (not batched and batch != 1):
             expected = f"(B,) = ({batch},)" if batched else "a scalar"
             raise ValueError(f"`eps` must be {expected}, got shape {_shape(eps)}")
         values = eps.detach()
     else:
         values = torch.tensor(float(eps))
-        eps = torch.full((batch,), float(eps), device=C.device)
+        eps = torch.full((batch,), float(eps), dtype=torch.float64, device=C.device)
     if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
         raise ValueError(f"`eps` must be > 0 and finite, got {values.min().item():.6g}")
     return eps
@@ -174,7 +179,9 @@ def check_tol(tol: object) -> float | None:
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
         raise TypeError(f"`tol` must be a positive float or None, got {type(tol).__name__}")
     if not tol > 0:
-        raise ValueError(f"`tol` must be > 0 (or None to run exactly max_iter iterations), got {tol}")
+        raise ValueError(
+            f"`tol` must be > 0 (or None to run exactly max_iter iterations), got {tol}"
+        )
     return float(tol)
 
 
@@ -197,7 +204,9 @@ def check_init(
     if init is None:
         return None
     if not isinstance(init, tuple | list) or len(init) != 2:
-        raise TypeError(f"`init` must be a pair (f, g) of tensors or None, got {type(init).__name__}")
+        raise TypeError(
+            f"`init` must be a pair (f, g) of tensors or None, got {type(init).__name__}"
+        )
     shapes = ((batch, n), (batch, m)) if batched else ((n,), (m,))
     out = []
     for name, t, shape in zip(("init[0] (f)", "init[1] (g)"), init, shapes):
@@ -207,7 +216,9 @@ def check_init(
         if _shape(t) != shape:
             raise ValueError(f"`{name}` must have shape {shape}, got {_shape(t)}")
         if t.device != C.device:
-            raise ValueError(f"`{name}` must be on the same device as `C` ({C.device}), got {t.device}")
+            raise ValueError(
+                f"`{name}` must be on the same device as `C` ({C.device}), got {t.device}"
+            )
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"`{name}` must be finite")
         out.append(t if batched else t.unsqueeze(0))
@@ -237,6 +248,7 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
     a_b = a_b.to(dtype) if a_b is not None else (mass / n).expand(batch, n)
     b_b = b_b.to(dtype) if b_b is not None else (mass / m).expand(batch, m)
-    check_masses(a_b, b_b)
+    weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
+    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype))
     eps_b = check_eps(eps, batch, batched, C).to(dtype)
     return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)
