@@ -31,7 +31,9 @@ class LogStep:
         eps: ``(B, 1)``.
     """
 
-    def __init__(self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor):
+    def __init__(
+        self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor
+    ):
         self.C_over_eps = C / eps.unsqueeze(-1)  # (B, N, M)
         self.log_a, self.log_b, self.eps = log_a, log_b, eps
 
@@ -52,7 +54,9 @@ class KernelStep:
     Same arguments and maps as :class:`LogStep`.
     """
 
-    def __init__(self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor):
+    def __init__(
+        self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor
+    ):
         self.K = torch.exp(-C / eps.unsqueeze(-1))  # (B, N, M)
         self.log_a, self.log_b, self.eps = log_a, log_b, eps
 
@@ -77,7 +81,11 @@ def safe_log(w: torch.Tensor) -> torch.Tensor:
 
 
 def log_plan(
-    C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+    C: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
     eps: torch.Tensor,
 ) -> torch.Tensor:
     """``P = a_i b_j exp((f_i + g_j - C_ij) / eps)``, ``(B, N, M)``; exactly 0 on padding."""

@@ -74,7 +74,9 @@ def _check_list(name, values, count):
     if values is None:
         return [None] * count
     if len(values) != count:
-        raise ValueError(f"`{name}` must have one entry per cost matrix ({count}), got {len(values)}")
+        raise ValueError(
+            f"`{name}` must have one entry per cost matrix ({count}), got {len(values)}"
+        )
     return list(values)
 
 
@@ -84,5 +86,7 @@ def _weights(name, k, w, size, other, C):
         return (mass / size).to(C.dtype).expand(size)
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != (size,):
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"`{name}[{k}]` must have shape ({size},) to match list_of_C[{k}], got {got}")
+        raise ValueError(
+            f"`{name}[{k}]` must have shape ({size},) to match list_of_C[{k}], got {got}"
+        )
     return w

@@ -184,13 +184,19 @@ def _build_result(C, a, b, eps, f, g, n_iter, err, tol, method, backend) -> Sink
     value = (f * a).sum(-1) + (g * b).sum(-1)
     value_linear = (C * plan).sum(dim=(1, 2))
     converged = err <= (tol if tol is not None else _DEFAULT_TOL)
-    return SinkhornResult(
-        plan, f, g, value, value_linear, n_iter, err, converged, method, backend
-    )
+    return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
 
 
 def _unbatch(r: SinkhornResult) -> SinkhornResult:
     return SinkhornResult(
-        r.plan[0], r.f[0], r.g[0], r.value[0], r.value_linear[0], r.n_iter[0], r.err[0],
-        r.converged[0], r.method, r.backend,
+        r.plan[0],
+        r.f[0],
+        r.g[0],
+        r.value[0],
+        r.value_linear[0],
+        r.n_iter[0],
+        r.err[0],
+        r.converged[0],
+        r.method,
+        r.backend,
     )
