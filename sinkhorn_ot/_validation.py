@@ -246,8 +246,9 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         mass = b_b.to(dtype).sum(-1, keepdim=True)
     if mass is None:
         mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
-    a_b = a_b.to(dtype) if a_b is not None else (mass / n).expand(batch, n)
-    b_b = b_b.to(dtype) if b_b is not None else (mass / m).expand(batch, m)
+    # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
+    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else (mass / n).expand(batch, n)
+    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else (mass / m).expand(batch, m)
     weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
     b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype))
     eps_b = check_eps(eps, batch, batched, C).to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -10,6 +11,7 @@ from . import _validation as v
 from . import native
 from ._loop import KernelUnderflowError, solve_potentials
 from ._updates import log_plan, safe_log
+from .autograd import ImplicitPotentials, envelope_value
 from .result import SinkhornResult
 
 
@@ -33,7 +35,7 @@ def sinkhorn(
     method: str = "log",
     max_iter: int = 1000,
     tol: float | None = _DEFAULT_TOL,
-    grad: str = "unroll",
+    grad: str = "implicit",
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps_scaling: float | None = None,
     backend: str = "auto",
@@ -63,8 +65,12 @@ def sinkhorn(
         tol: stop each problem once ``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a) <= tol``
             (checked every iteration; converged problems stop updating). ``None`` runs
             exactly ``max_iter`` iterations; ``converged`` then reports ``err <= 1e-5``.
-        grad: ``"unroll"`` (autograd through every iteration) or ``"none"`` (detached
-            results). ``"implicit"`` and ``"envelope"`` are not implemented yet.
+        grad: how gradients reach ``C``, ``a``, ``b`` and a tensor ``eps``:
+            ``"implicit"`` (default; implicit function theorem at the fixed point, for
+            every output, memory independent of ``max_iter``), ``"envelope"`` (Danskin:
+            gradients of ``value`` only, other outputs detached), ``"unroll"``
+            (autograd through every iteration) or ``"none"`` (detached). Padded entries
+            (zero weights) always get exactly zero gradient.
         init: warm start ``(f, g)``, e.g. the potentials of an earlier result. The loop
             starts with a column update, so only ``f`` determines the iterates.
         eps_scaling: ``None`` or a factor ``s`` in (0, 1): iteration ``t`` uses
@@ -98,19 +104,16 @@ def sinkhorn(
     Cb, ab, bb, eps_b = problem.C, problem.a, problem.b, problem.eps
     batch, n, m = Cb.shape
     f0 = v.check_init(init, batch, n, m, problem.batched, Cb)
-    if grad in ("implicit", "envelope"):
-        raise NotImplementedError(
-            f"grad={grad!r} is not implemented yet; use grad='unroll' (autograd through the "
-            "iterations) or grad='none'"
-        )
     if f0 is None:
         f0 = _default_init(ab, eps_b)
     else:
         f0 = f0.to(Cb.dtype)
 
+    Cb = _mask_padding_gradient(Cb, ab, bb)
     backend_used = _select_backend(backend, Cb, grad)
     methods = _candidate_methods(method, Cb, eps_b)
-    context = torch.no_grad() if grad == "none" else torch.enable_grad()
+    # Only "unroll" records the iterations; the other modes attach gradients afterwards.
+    context = torch.enable_grad() if grad == "unroll" else torch.no_grad()
     with context:
         for i, method_used in enumerate(methods):
             try:
@@ -121,7 +124,21 @@ def sinkhorn(
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
-        result = _build_result(Cb, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+    if grad == "implicit":
+        f, g = ImplicitPotentials.apply(Cb, ab, bb, eps_b, f, g)
+    parts = (Cb, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+    if grad == "envelope":
+        with torch.no_grad():
+            result = _build_result(*parts)
+        value = envelope_value(
+            Cb, ab, bb, eps_b, result.f, result.g, result.plan, result.value, result.value_linear
+        )
+        result = dataclasses.replace(result, value=value)
+    elif grad == "none":
+        with torch.no_grad():
+            result = _build_result(*parts)
+    else:
+        result = _build_result(*parts)
     if tol is not None and not bool(result.converged.all()):
         bad = (~result.converged).nonzero().flatten().tolist()
         warnings.warn(
@@ -140,6 +157,14 @@ def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     column update). Padding rows start at 0."""
     positive = a > 0
     return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
+
+
+def _mask_padding_gradient(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Same values; no gradient reaches cost entries of padded rows or columns."""
+    if not C.requires_grad:
+        return C
+    padded = (a == 0).unsqueeze(2) | (b == 0).unsqueeze(1)
+    return torch.where(padded, C.detach(), C) if bool(padded.any()) else C
 
 
 def _select_backend(backend: str, C: torch.Tensor, grad: str) -> str:

@@ -1,0 +1,213 @@
+"""Gradients at the fixed point: implicit differentiation and the envelope theorem.
+
+Implicit (DESIGN §5). The potentials solve ``F(x, θ) = 0`` with ``x = (f, g)``,
+``θ = (C, a, b, eps)`` and
+
+    F_f = f - row(g),    F_g = g - col(f)
+
+(the Sinkhorn maps of :mod:`sinkhorn_ot._updates`). Its Jacobian is
+``J = [[I, Q diag(b)], [Q^T diag(a), I]]`` with ``Q_ij = exp((f_i + g_j - C_ij) / eps)``,
+which equals ``D^{-1} H`` for ``D = diag(a, b)`` and the symmetric positive
+semi-definite ``H = [[diag(a), P], [P^T, diag(b)]]``. Backpropagating ``x̄`` means
+solving ``J^T λ = x̄``, i.e. ``H μ = x̄`` and ``λ = D μ``, then
+``θ̄ = -∂/∂θ <λ, F(x, θ)>`` (one autograd call through ``F``). Memory is a few
+``(B, N, M)`` tensors whatever the number of iterations.
+
+``H`` has the null space ``(1, -1)`` (``(f + c, g - c)`` solves the same problem). The
+outputs the user sees are normalised potentials and the plan, all invariant to that
+shift, so ``x̄`` is orthogonal to it and ``H μ = x̄`` is consistent; we project out
+rounding and pin the solution with a rank-one term (dense) or by staying in the range
+(conjugate gradients).
+
+Padding: a row with ``a_i = 0`` has ``J``'s identity row, so ``λ_i = x̄_i``; its
+influence on the other equations is moved to the right-hand side, and the remaining
+system only couples real rows and columns.
+
+The dense path eliminates the larger side (Schur complement
+``S = diag(b) - P^T diag(a)^{-1} P`` on the smaller side) and solves it in float64;
+above :data:`DENSE_MAX` it runs preconditioned conjugate gradients on ``S`` using only
+products with ``P`` and ``P^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._updates import safe_log
+
+#: Largest min(N, M) solved by a dense batched factorisation; larger uses CG.
+DENSE_MAX = 512
+#: Relative residual at which conjugate gradients stop, by dtype.
+CG_RTOL = {torch.float64: 1e-11, torch.float32: 1e-6}
+CG_MAX_ITER = 2000
+
+_SECOND_ORDER = (
+    "second derivatives through sinkhorn(grad='implicit') are not supported; "
+    "use grad='unroll' for higher-order gradients"
+)
+
+
+class ImplicitPotentials(torch.autograd.Function):
+    """Identity on converged ``(f, g)`` whose backward is the implicit-function adjoint.
+
+    ``forward(C (B,N,M), a (B,N), b (B,M), eps (B,), f (B,N), g (B,M)) -> (f, g)``.
+    """
+
+    @staticmethod
+    def forward(ctx, C, a, b, eps, f, g):
+        ctx.save_for_backward(C, a, b, eps, f, g)
+        return f.clone(), g.clone()
+
+    @staticmethod
+    def backward(ctx, grad_f, grad_g):
+        C, a, b, eps, f, g = ctx.saved_tensors
+        # With create_graph=True, hand back gradients that refuse a second backward.
+        anchor = next((t for t in (C, a, b, eps) if t.requires_grad), None)
+        if torch.is_grad_enabled() and anchor is not None:
+            with torch.no_grad():
+                grads = ImplicitPotentials.backward(ctx, grad_f, grad_g)
+            return tuple(None if t is None else _NoSecondOrder.apply(t, anchor) for t in grads)
+        grad_f = torch.zeros_like(f) if grad_f is None else grad_f
+        grad_g = torch.zeros_like(g) if grad_g is None else grad_g
+        lam_f, lam_g = adjoint(C, a, b, eps, f, g, grad_f, grad_g)
+        wanted = ctx.needs_input_grad[:4]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(w) for t, w in zip((C, a, b, eps), wanted)]
+            F_f, F_g = residuals(*leaves, f, g)
+            total = -(lam_f * F_f).sum() - (lam_g * F_g).sum()
+            targets = [t for t, w in zip(leaves, wanted) if w]
+            grads = iter(torch.autograd.grad(total, targets)) if targets else iter(())
+        return (*[next(grads) if w else None for w in wanted], None, None)
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on a gradient; differentiating it again raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_SECOND_ORDER)
+
+
+def residuals(C, a, b, eps, f, g):
+    """``F_f = f - row(g)`` ``(B, N)`` and ``F_g = g - col(f)`` ``(B, M)``, log domain."""
+    e = eps.view(-1, 1, 1)
+    base = (f.unsqueeze(2) + g.unsqueeze(1) - C) / e  # (B, N, M)
+    # f - row(g) = eps * log sum_j b_j exp((f_i + g_j - C_ij) / eps), likewise for g.
+    F_f = eps.unsqueeze(-1) * torch.logsumexp(safe_log(b).unsqueeze(1) + base, dim=2)
+    F_g = eps.unsqueeze(-1) * torch.logsumexp(safe_log(a).unsqueeze(2) + base, dim=1)
+    return F_f, F_g
+
+
+def adjoint(C, a, b, eps, f, g, grad_f, grad_g):
+    """Solve ``J^T λ = (grad_f, grad_g)`` at the fixed point; returns ``λ_f, λ_g``."""
+    Q = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1))  # (B, N, M)
+    row_pad, col_pad = a == 0, b == 0
+    # Padded rows/columns have identity rows in J^T: λ = x̄ there; move their
+    # coupling to the right-hand side of the real equations.
+    rf = grad_f - a * (Q * torch.where(col_pad, grad_g, 0).unsqueeze(1)).sum(-1)
+    rg = grad_g - b * (Q * torch.where(row_pad, grad_f, 0).unsqueeze(2)).sum(1)
+    rf = torch.where(row_pad, 0, rf)
+    rg = torch.where(col_pad, 0, rg)
+    P = a.unsqueeze(2) * b.unsqueeze(1) * Q
+    if a.shape[1] >= b.shape[1]:
+        mu_f, mu_g = _solve_h(P, a, b, rf, rg)
+    else:
+        mu_g, mu_f = _solve_h(P.transpose(1, 2), b, a, rg, rf)
+    lam_f = torch.where(row_pad, grad_f, a * mu_f)
+    lam_g = torch.where(col_pad, grad_g, b * mu_g)
+    return lam_f, lam_g
+
+
+def _solve_h(P, a, b, rf, rg):
+    """Solve ``[[diag(a), P], [P^T, diag(b)]] (μf, μg) = (rf, rg)`` on the real entries.
+
+    Eliminates μf (the larger side, N >= M) and solves the ``(M, M)`` Schur complement.
+    Zero weights are padding: their μ is 0.
+    """
+    real_f, real_g = (a > 0).to(P.dtype), (b > 0).to(P.dtype)
+    a_safe = torch.where(a > 0, a, 1)
+    b_safe = torch.where(b > 0, b, 1)
+    # The system is consistent only orthogonally to (1, -1); remove rounding.
+    count = real_f.sum(-1, keepdim=True) + real_g.sum(-1, keepdim=True)
+    drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
+    rf = rf - drift * real_f
+    rg = rg + drift * real_g
+    rhs = rg - torch.bmm(P.transpose(1, 2), (rf / a_safe).unsqueeze(-1)).squeeze(-1)  # (B, M)
+    if min(P.shape[1], P.shape[2]) <= DENSE_MAX:
+        mu_g = _schur_dense(P, a_safe, b_safe, real_g, rhs)
+    else:
+        mu_g = _schur_cg(P, a_safe, b_safe, real_g, rhs)
+    mu_f = (rf - torch.bmm(P, mu_g.unsqueeze(-1)).squeeze(-1)) / a_safe
+    return mu_f * real_f, mu_g
+
+
+def _schur_dense(P, a_safe, b_safe, real_g, rhs):
+    dtype = P.dtype
+    P64, a64, b64 = P.double(), a_safe.double(), b_safe.double()
+    real = real_g.double()
+    S = torch.diag_embed(b64) - torch.bmm(P64.transpose(1, 2) / a64.unsqueeze(1), P64)
+    # S has the null vector 1 over the real columns: pin the solution to sum zero with
+    # a rank-one term of the size of S's spectrum (about mass / M).
+    m = real.sum(-1, keepdim=True)
+    scale = (b64 * real).sum(-1, keepdim=True) / m**2
+    S = S + scale.unsqueeze(-1) * real.unsqueeze(2) * real.unsqueeze(1)
+    r = rhs.double() * real
+    r = r - real * (r.sum(-1, keepdim=True) / m)
+    return torch.linalg.solve(S, r).to(dtype) * real_g
+
+
+def _schur_cg(P, a_safe, b_safe, real_g, rhs):
+    """Jacobi-preconditioned CG on ``S x = rhs`` with ``S x = b x - P^T (P x / a)``."""
+    m = real_g.sum(-1, keepdim=True)
+
+    def project(v):  # stay orthogonal to S's null vector
+        return (v - real_g * ((v * real_g).sum(-1, keepdim=True) / m)) * real_g
+
+    def matvec(x):
+        Px = torch.bmm(P, x.unsqueeze(-1)).squeeze(-1) / a_safe
+        return b_safe * x - torch.bmm(P.transpose(1, 2), Px.unsqueeze(-1)).squeeze(-1)
+
+    r = project(rhs)
+    x = torch.zeros_like(r)
+    z = project(r / b_safe)
+    p = z
+    rz = (r * z).sum(-1, keepdim=True)
+    target = CG_RTOL.get(P.dtype, 1e-6) * r.norm(dim=-1, keepdim=True)
+    for _ in range(CG_MAX_ITER):
+        if bool((r.norm(dim=-1, keepdim=True) <= target).all()):
+            break
+        Sp = project(matvec(p))
+        alpha = rz / (p * Sp).sum(-1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+        x = x + alpha * p
+        r = r - alpha * Sp
+        z = project(r / b_safe)
+        rz_next = (r * z).sum(-1, keepdim=True)
+        p = z + (rz_next / rz.clamp_min(torch.finfo(P.dtype).tiny)) * p
+        rz = rz_next
+    return x
+
+
+def envelope_value(C, a, b, eps, f, g, plan, value, value_linear):
+    """``value`` with Danskin's gradients and no graph through the iterations.
+
+    The regularised OT value ``V = min_P <C, P> + eps KL(P || a b^T)`` has
+    ``dV/dC = P``, ``dV/deps = KL(P || a b^T) = (V - <C, P>) / eps`` and, for the
+    normalised potentials, ``dV/da = f - eps / 2``, ``dV/db = g - eps / 2`` (the
+    Lagrange multipliers of the marginal constraints; the split of the free constant
+    ``(f + c, g - c)`` cancels for perturbations that keep the masses equal, and the
+    ``-eps / 2`` makes joint mass changes exact). All of ``f, g, plan, value`` are
+    detached; each term below is zero in value and carries one partial derivative.
+    """
+    e = eps.detach().unsqueeze(-1)
+    kl = (value - value_linear) / eps.detach()
+    return (
+        value
+        + ((f - e / 2) * (a - a.detach())).sum(-1)
+        + ((g - e / 2) * (b - b.detach())).sum(-1)
+        + (plan * (C - C.detach())).sum((1, 2))
+        + kl * (eps - eps.detach())
+    )
