@@ -1,0 +1,65 @@
+// The data of one problem, the loop settings and the scratch space of the CPU Sinkhorn
+// loop (loop.h), shared by the half-step implementations (steps.h).
+//
+// Pure kernel code: raw pointers, sizes, scalar type templates; no at::Tensor.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace sinkhorn_ot::cpu {
+
+enum class Method : int64_t { kLog = 0, kKernel = 1 };
+
+struct LoopSettings {
+  int64_t anneal_steps = 0;  // iterations t < anneal_steps use max(eps, eps0 * scaling^t)
+  double eps_scaling = 1.0;
+  int64_t max_iter = 0;
+  double tol = -1.0;  // < 0: no tolerance, run exactly max_iter iterations
+  Method method = Method::kLog;
+};
+
+// One problem: inputs (C is (n, m) row-major) and where its outputs go.
+template <typename T>
+struct Problem {
+  const T* C;
+  const T* a;   // (n,)
+  const T* b;   // (m,)
+  const T* f0;  // (n,)
+  int64_t n, m;
+  T eps, eps0;
+  T* f;  // (n,) output
+  T* g;  // (m,) output
+};
+
+struct Outcome {
+  int64_t n_iter = 0;
+  double err = std::numeric_limits<double>::quiet_NaN();
+};
+
+// Scratch buffers, reused across the problems a thread solves.
+template <typename T>
+struct Workspace {
+  std::vector<T> f_next, g_prev, log_a, log_b, shifted, row_top, col_max, col_sum, scal, kernel,
+      pad;
+  std::vector<double> viol;
+};
+
+// v.data() with room for `size` entries (grows, never shrinks).
+template <typename V>
+inline typename V::value_type* grow(V& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(static_cast<std::size_t>(size));
+  return v.data();
+}
+
+// A "parallel for" that runs the whole range on the calling thread.
+struct SerialFor {
+  template <typename F>
+  void operator()(int64_t begin, int64_t end, int64_t /*grain*/, const F& f) const {
+    if (begin < end) f(begin, end);
+  }
+};
+
+}  // namespace sinkhorn_ot::cpu
