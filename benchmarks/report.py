@@ -1,0 +1,463 @@
+"""Turn the session's records into the Markdown report and the log-log plot.
+
+Ratios are always ``other time / our time``: above 1 means ours is faster. In the
+forward tables "our time" is the fastest of our backends for the row's method (log
+rows compare with log-domain peers, kernel rows with kernel-form peers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .agreement import AGREE_TOL, PLAN_RTOL, REFERENCE_TOL
+from .cases import TARGET_SHAPE, forward_specs
+from .registry import Registry
+from .suite import MEMORY_ITERS, PER_ITER, TOL
+
+#: Peer columns in table order; a log row and a kernel row share a column where the
+#: peer has both forms (POT solve_batch: log_sinkhorn / sinkhorn).
+PEER_COLUMNS = ["POT solve_batch", "POT ot.sinkhorn loop", "GeomLoss", "torch loop"]
+MODE_TITLES = {
+    "per_iter": f"Forward, per-iteration ({PER_ITER} iterations, tol=None)",
+    "to_tol": f"Forward, to tolerance (tol={TOL:g}, eps = 0.05 x median cost)",
+}
+TARGET_KEY = "x".join(map(str, TARGET_SHAPE))
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} µs"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "—" if r is None or not math.isfinite(r) else f"{r:.2g}×" if r < 10 else f"{r:.0f}×"
+
+
+def _check(r: float | None, target: float, higher_is_better: bool = True) -> str:
+    if r is None:
+        return "—"
+    ok = r >= target if higher_is_better else r <= target
+    return f"{fmt_ratio(r)} {'✓' if ok else '✗'}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+class _Forward:
+    """Index of forward records: ``time(case, mode, label, family)``."""
+
+    def __init__(self, reg: Registry):
+        self.rec = {}
+        for r in reg.select("forward"):
+            self.rec[(r.case, r.info["mode"], r.impl, r.info["family"])] = r
+
+    def get(self, case, mode, label, family):
+        return self.rec.get((case, mode, label, family))
+
+    def time(self, case, mode, label, family):
+        r = self.get(case, mode, label, family)
+        return r.value if r else None
+
+    def best_ours(self, case, mode, family, labels):
+        times = [t for lab in labels if (t := self.time(case, mode, lab, family)) is not None]
+        return min(times) if times else None
+
+
+def _header(reg: Registry) -> list[str]:
+    m = reg.meta
+    lines = [f"# sinkhorn_ot benchmarks — {m.get('device_name')}", ""]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("started", time.time())))
+    lines.append(
+        f"- Run: {when}, {m.get('wall_s', 0):.0f} s wall, exit status "
+        f"{m.get('exitstatus')}; command `pytest benchmarks/ --benchmark`"
+    )
+    dev = m.get("gpu") or f"{m.get('cpu')} ({m.get('cpu_count')} CPUs)"
+    lines.append(f"- Device: {m.get('device')} — {dev}; torch threads: {m.get('threads')}")
+    lines.append(
+        f"- Versions: torch {m.get('torch')}, POT {m.get('ot')}, GeomLoss "
+        f"{m.get('geomloss')}, sinkhorn_ot {m.get('sinkhorn_ot')}, numpy "
+        f"{m.get('numpy')}, Python {m.get('python')}"
+    )
+    la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
+    busy = la0 and la1 and m.get("device") == "cpu" and max(la0[0], la1[0]) > m.get("cpu_count", 1)
+    if busy:
+        lines.append(
+            "- **Warning: other processes shared this machine's cores during the run "
+            "(load average above the core count). Absolute CPU times are inflated, "
+            "small cases most; rerun on an idle machine before quoting numbers.**"
+        )
+    if la0 and la1:
+        lines.append(
+            f"- Load average (1 min) at start / end: {la0[0]:.2f} / {la1[0]:.2f} "
+            "(above the thread count means other work shared the cores: times are "
+            "then pessimistic, ratios less affected)"
+        )
+    lines.append(
+        f"- Backends: {', '.join(m.get('backends', []))}; grad modes: "
+        + (", ".join(f"{k} ({'/'.join(v)})" for k, v in m.get("grad_modes", {}).items()) or "none")
+    )
+    missing = m.get("missing", {})
+    if missing:
+        lines.append("- **Absent from this run** (rows/columns omitted):")
+        lines += [f"  - {k}: {v}" for k, v in missing.items()]
+    rate = reg.one("throughput")
+    if rate:
+        lines.append(
+            f"- torch.exp throughput (2^24 float32, contiguous): {rate.value / 1e9:.3g} "
+            "G exp/s — the floor below is 2·B·N·M exps per iteration at this rate"
+        )
+    lines += [
+        "",
+        "Ratios are **peer time / our time** (> 1: ours is faster); times are the "
+        "minimum over rounds. Per-iteration rows compare the cost of iterations; "
+        "to-tolerance rows compare time to the same accuracy (each peer's stopping rule "
+        "is translated so it reaches our tol, see `benchmarks/peers.py`).",
+        "",
+    ]
+    return lines
+
+
+def _forward_tables(reg: Registry, fw: _Forward, device) -> tuple[list[str], list[str]]:
+    ours_labels = sorted(
+        {r.impl for r in reg.select("forward") if r.info.get("ours")},
+        key=lambda s: (s != "ours[torch]", s),
+    )
+    peer_labels = [p for p in PEER_COLUMNS if any(r.impl == p for r in reg.select("forward"))]
+    cases = [s.name for s in forward_specs(device)]
+    lines: list[str] = []
+    for mode in ("per_iter", "to_tol"):
+        lines += [f"## {MODE_TITLES[mode]}", ""]
+        rows = []
+        for case in cases:
+            for family in ("log", "kernel"):
+                best = fw.best_ours(case, mode, family, ours_labels)
+                if best is None:
+                    continue
+                row = [case, family]
+                for lab in ours_labels:
+                    r = fw.get(case, mode, lab, family)
+                    cell = fmt_time(r.value) if r else "—"
+                    if r and mode == "to_tol" and "n_iter" in r.info:
+                        cell += f" ({r.info['n_iter']} it)"
+                    row.append(cell)
+                for lab in peer_labels:
+                    r = fw.get(case, mode, lab, family)
+                    if r is None:
+                        row.append("—")
+                        continue
+                    cell = f"{fmt_time(r.value)} ({fmt_ratio(r.value / best)})"
+                    if mode == "to_tol" and r.info.get("calibrated"):
+                        cell += f" [n={r.info['n_iter']}]"
+                    row.append(cell)
+                rows.append(row)
+        lines += _table(["case", "method", *ours_labels, *peer_labels], rows)
+    if any(r.info.get("calibrated") for r in reg.select("forward")):
+        lines += [
+            "[n=…]: GeomLoss iteration count found before timing (smallest that reaches "
+            "tol in our metric, within 25 %).",
+            "",
+        ]
+    return lines, ours_labels
+
+
+def _targets(reg: Registry, fw: _Forward, device, ours_labels) -> list[str]:
+    lines = ["## Native-kernel targets", ""]
+    rate = reg.one("throughput")
+    grid = [
+        s.name
+        for s in forward_specs(device)
+        if s.shape is not None and not s.name.startswith("elim")
+    ]
+    native = "ours[native]" in ours_labels
+    if not native:
+        lines += [
+            "The native backend was not available in this run (see header), so its "
+            "targets cannot be checked; the torch backend's numbers are shown for "
+            "reference.",
+            "",
+        ]
+    lab = "ours[native]" if native else "ours[torch]"
+    header = [
+        "case",
+        f"POT log / {lab} log (≥ 5)",
+        f"torch log / {lab} log (≥ 3)",
+        f"{lab} log / exp floor",
+        f"POT kernel / {lab} kernel (≥ 1)",
+    ]
+    rows = []
+    for mode in ("per_iter", "to_tol"):
+        for case in grid:
+            t_log = fw.time(case, mode, lab, "log")
+            t_ker = fw.time(case, mode, lab, "kernel")
+            pot_log = fw.time(case, mode, "POT solve_batch", "log")
+            pot_ker = fw.time(case, mode, "POT solve_batch", "kernel")
+            torch_log = fw.time(case, mode, "ours[torch]", "log")
+            r1 = pot_log / t_log if pot_log and t_log else None
+            r2 = torch_log / t_log if torch_log and t_log and native else None
+            floor = None
+            if rate and t_log and mode == "per_iter":
+                work = fw.get(case, mode, lab, "log").info["work"]
+                floor = t_log / (2 * work * PER_ITER / rate.value)
+            r4 = pot_ker / t_ker if pot_ker and t_ker else None
+            rows.append(
+                [
+                    f"{case} ({mode.replace('_', '-')})",
+                    _check(r1, 5),
+                    _check(r2, 3),
+                    fmt_ratio(floor) if floor else "—",
+                    _check(r4, 1),
+                ]
+            )
+    lines += _table(header, rows)
+    lines += [
+        "exp floor: per-iteration time / (2·B·N·M·iterations / torch.exp throughput); "
+        "1× would mean a log-domain iteration costs no more than its exponentials.",
+        "",
+    ]
+    return lines
+
+
+def _backward(reg: Registry, fw: _Forward) -> list[str]:
+    recs = reg.select("backward")
+    if not recs:
+        return []
+    lines = [f"## Backward ({PER_ITER} iterations, loss = value.sum(), gradient w.r.t. C)", ""]
+    keys = []
+    for r in recs:
+        k = (r.case, r.info["grad"], r.info["backend"], r.info["method"])
+        if k not in keys:
+            keys.append(k)
+    rows = []
+    for case, grad, backend, method in keys:
+        both = reg.one(
+            "backward", case=case, grad=grad, backend=backend, method=method, what="fwd+bwd"
+        )
+        bwd = reg.one("backward", case=case, grad=grad, backend=backend, method=method, what="bwd")
+        fwd = fw.time(case, "per_iter", f"ours[{backend}]", method)
+        ratio = bwd.value / fwd if bwd and fwd else None
+        rows.append(
+            [
+                case,
+                grad,
+                backend,
+                method,
+                fmt_time(fwd),
+                fmt_time(both.value if both else None),
+                fmt_time(bwd.value if bwd else None),
+                fmt_ratio(ratio),
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "grad",
+            "backend",
+            "method",
+            "forward (grad=none)",
+            "fwd+bwd",
+            "bwd",
+            "bwd / forward",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _memory(reg: Registry) -> list[str]:
+    recs = reg.select("memory")
+    if not recs:
+        return []
+    kind = recs[0].info.get("kind")
+    what = (
+        "peak RSS above the RSS before the solve"
+        if kind == "rss"
+        else "torch.cuda.max_memory_allocated above the memory allocated before the solve"
+    )
+    lines = [f"## Memory against iterations (forward + backward, method=log; {what}, MB)", ""]
+    groups = defaultdict(dict)
+    for r in recs:
+        groups[(r.info["grad"], r.info["backend"], r.case)][r.info["iters"]] = r.value
+    lo, hi = MEMORY_ITERS
+    rows = []
+    for (grad, backend, case), by_iter in groups.items():
+        a, b = by_iter.get(lo), by_iter.get(hi)
+        rows.append(
+            [
+                grad,
+                backend,
+                case,
+                f"{a:.1f}" if a is not None else "—",
+                f"{b:.1f}" if b is not None else "— (not run)",
+                fmt_ratio(b / a) if a and b else "—",
+            ]
+        )
+    lines += _table(["grad", "backend", "case", f"{lo} it", f"{hi} it", f"{hi} / {lo}"], rows)
+    lines.append("")
+    return lines
+
+
+def _diff_targets(reg: Registry, fw: _Forward) -> list[str]:
+    lines = ["## Differentiation targets (implicit)", ""]
+    rows = []
+    for backend in ("torch", "native"):
+        bwd = reg.one(
+            "backward", case=TARGET_KEY, grad="implicit", backend=backend, method="log", what="bwd"
+        )
+        fwd = fw.time(TARGET_KEY, "per_iter", f"ours[{backend}]", "log")
+        mem = {
+            r.info["iters"]: r.value
+            for r in reg.select("memory", grad="implicit", backend=backend, shape_key="target")
+        }
+        if bwd is None and not mem:
+            continue
+        lo, hi = MEMORY_ITERS
+        r_mem = mem[hi] / mem[lo] if lo in mem and hi in mem and mem[lo] > 0 else None
+        r_time = bwd.value / fwd if bwd and fwd else None
+        rows.append(
+            [
+                backend,
+                _check(r_time, 1.0, higher_is_better=False),
+                _check(r_mem, 1.2, higher_is_better=False),
+            ]
+        )
+    if not rows:
+        return [
+            *lines,
+            "No grad='implicit' measurements in this run (not available, or not selected; see header).",
+            "",
+        ]
+    lines += _table(
+        [
+            "backend",
+            f"implicit bwd / {PER_ITER}-it forward, {TARGET_KEY} log (≤ 1)",
+            f"memory {MEMORY_ITERS[1]} it / {MEMORY_ITERS[0]} it, {TARGET_KEY} (≤ 1.2)",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _agreement(reg: Registry, device) -> list[str]:
+    recs = reg.select("agreement")
+    if not recs:
+        return []
+    cases = [s.name for s in forward_specs(device)]
+    impls = []
+    for r in recs:
+        k = (r.impl, r.info["family"])
+        if k not in impls:
+            impls.append(k)
+    lines = [
+        "## Agreement check (before timing)",
+        "",
+        f"max |P − P_ref| / max P_ref of each implementation's to-tolerance plan (tol={AGREE_TOL:g}) "
+        f"against ours[torch] log at tol={REFERENCE_TOL:g}; limit per case: max({PLAN_RTOL:g}, "
+        "2 × our own torch log difference), see `benchmarks/agreement.py`.",
+        "",
+    ]
+    rows = []
+    for label, family in impls:
+        row = [f"{label} {family}"]
+        for case in cases:
+            r = next(
+                (
+                    x
+                    for x in recs
+                    if x.case == case and x.impl == label and x.info["family"] == family
+                ),
+                None,
+            )
+            row.append(f"{r.value:.1e}" if r else "—")
+        rows.append(row)
+    limits = ["limit"]
+    for case in cases:
+        lim = [x.info["limit"] for x in recs if x.case == case]
+        limits.append(f"{max(lim):.1e}" if lim else "—")
+    rows.append(limits)
+    lines += _table(["implementation", *cases], rows)
+    worst = defaultdict(float)
+    for r in reg.select("forward", mode="to_tol"):
+        worst[(r.impl, r.info["family"])] = max(
+            worst[(r.impl, r.info["family"])], r.info["marginal_error"]
+        )
+    if worst:
+        lines += [
+            f"Worst relative L1 marginal error reached by the to-tolerance runs "
+            f"(tol={TOL:g}): " + ", ".join(f"{k[0]} {k[1]} {v:.1e}" for k, v in worst.items()),
+            "",
+        ]
+    return lines
+
+
+def plot(reg: Registry, path: Path, device) -> bool:
+    """Log-log time against B·N·M over the grid cases, one line per implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    grid = {s.name for s in forward_specs(device) if not s.name.startswith("elim")}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, mode in zip(axes, ("per_iter", "to_tol")):
+        lines = defaultdict(list)
+        for r in reg.select("forward", mode=mode):
+            if r.case in grid:
+                lines[f"{r.impl} {r.info['family']}"].append((r.info["work"], r.value))
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            style = "-" if label.startswith("ours") else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("problem size B·N·M")
+        ax.set_title(MODE_TITLES[mode], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time (s)")
+    axes[1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"sinkhorn_ot forward — {reg.meta.get('device_name')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(reg: Registry) -> str:
+    import torch
+
+    device = torch.device(reg.meta.get("device", "cpu"))
+    fw = _Forward(reg)
+    lines = _header(reg)
+    tables, ours_labels = _forward_tables(reg, fw, device)
+    lines += tables
+    lines += _targets(reg, fw, device, ours_labels)
+    lines += _backward(reg, fw)
+    lines += _memory(reg)
+    lines += _diff_targets(reg, fw)
+    lines += _agreement(reg, device)
+    return "\n".join(lines)
+
+
+def write(reg: Registry, stem: Path) -> str:
+    """Write ``<stem>.md`` and ``<stem>.png``; return the Markdown."""
+    import torch
+
+    text = render(reg)
+    png = stem.with_suffix(".png")
+    if plot(reg, png, torch.device(reg.meta.get("device", "cpu"))):
+        text += f"\n## Plot\n\n![time against problem size]({png.name})\n"
+    text += f"\nRaw timings: pytest-benchmark JSON `{stem.with_suffix('.json').name}` (our records under the key `sinkhorn_ot`).\n"
+    stem.with_suffix(".md").write_text(text)
+    return text
