@@ -64,6 +64,7 @@ _METHODS = ("kernel", "log", "auto")
 _GRADS = ("none", "implicit", "envelope", "unroll")
 _SHIFTS = ("vector", "scalar")
 _MASSES = ("target", "unit", "reference")
+_BACKENDS = ("auto", "torch", "native")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -96,6 +97,9 @@ class MatchingConfig:
         detach_shift: compute the shift from detached features (the reference code);
             only the normalised features then carry gradient to the encoder.
         rms_eps: the ``1e-6`` added to the RMS in the normalisation.
+        backend: the solver's backend. ``"auto"`` may build the native extension on
+            first use (minutes on a small CPU); ELIM's problems are tiny (``k x k``),
+            so ``"torch"`` costs next to nothing and never builds anything.
 
     Example:
         >>> MatchingConfig().method, MatchingConfig.converged().tol
@@ -114,6 +118,7 @@ class MatchingConfig:
     mass: Literal["target", "unit", "reference"] = "target"
     detach_shift: bool = True
     rms_eps: float = 1e-6
+    backend: Literal["auto", "torch", "native"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_domains, bool) or not isinstance(self.num_domains, int):
@@ -138,6 +143,7 @@ class MatchingConfig:
         _check_choice("grad", self.grad, _GRADS)
         _check_choice("shift", self.shift, _SHIFTS)
         _check_choice("mass", self.mass, _MASSES)
+        _check_choice("backend", self.backend, _BACKENDS)
 
     @classmethod
     def paper(cls, **overrides: object) -> MatchingConfig:
@@ -451,6 +457,7 @@ def ot_id_shift(
         max_iter=config.max_iter,
         tol=config.tol,
         grad=config.grad,
+        backend=config.backend,
     )
     mu = (result.plan * cost).sum(1)
     if config.shift == "scalar":
