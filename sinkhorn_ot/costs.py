@@ -40,7 +40,14 @@ def sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean cost ``C_ij = ||x_i - y_j||``; shapes as :func:`sqeuclidean`.
+    """Euclidean cost ``C_ij = ||x_i - y_j||``.
+
+    Args:
+        x: ``(N, d)`` or ``(B, N, d)``.
+        y: ``(M, d)`` or ``(B, M, d)``.
+
+    Returns:
+        ``(N, M)`` or ``(B, N, M)``.
 
     Example:
         >>> import torch
@@ -53,7 +60,15 @@ def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Cosine cost ``C_ij = 1 - cos(x_i, y_j)``, in ``[0, 2]``; shapes as :func:`sqeuclidean`.
+    """Cosine cost ``C_ij = 1 - cos(x_i, y_j)``, in ``[0, 2]`` (ELIM's matching cost).
+
+    Args:
+        x: ``(N, d)`` or ``(B, N, d)``.
+        y: ``(M, d)`` or ``(B, M, d)``.
+        eps: floor on the norms, so zero vectors give cost 1 instead of NaN.
+
+    Returns:
+        ``(N, M)`` or ``(B, N, M)``.
 
     Example:
         >>> import torch

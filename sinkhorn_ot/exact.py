@@ -22,6 +22,13 @@ class EMDResult:
         f: row dual potentials ``(B, N)``; ``f_i + g_j <= C_ij`` with equality on the
             plan's support; normalised so that ``<f, a> = <g, b>``.
         g: column dual potentials ``(B, M)``.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import emd
+        >>> res = emd(torch.rand(2, 3, 4, dtype=torch.float64))
+        >>> res.plan.shape, res.value.shape, res.f.shape, res.g.shape
+        (torch.Size([2, 3, 4]), torch.Size([2]), torch.Size([2, 3]), torch.Size([2, 4]))
     """
 
     plan: torch.Tensor
@@ -52,7 +59,7 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
         >>> from sinkhorn_ot import emd
         >>> C = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
         >>> res = emd(C)
-        >>> res.plan.tolist(), float(res.value)
+        >>> (res.plan + 0.0).tolist(), float(res.value)
         ([[0.5, 0.0], [0.0, 0.5]], 0.0)
     """
     problem = v.check_problem(C, a, b, 1.0)

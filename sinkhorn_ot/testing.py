@@ -38,6 +38,12 @@ def random_problem(
     Returns:
         ``C (B, N, M)`` with entries in about ``[0, 2 dim]``, ``a (B, N)``, ``b (B, M)``
         each summing to 1.
+
+    Example:
+        >>> from sinkhorn_ot.testing import random_problem
+        >>> C, a, b = random_problem(4, 5, 6, seed=1)
+        >>> C.shape, round(float(a.sum(-1)[0]), 12), round(float(b.sum(-1)[0]), 12)
+        (torch.Size([4, 5, 6]), 1.0, 1.0)
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, n, dim, generator=gen, dtype=torch.float64)

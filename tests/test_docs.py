@@ -274,15 +274,11 @@ _EXAMPLE = re.compile(r"^Examples?:[ \t]*\n(?:[ \t]*\n)*[ \t]+>>> ", re.MULTILIN
 #: Gaps against that standard that are known and still to fix. The test below fails on a
 #: new gap, and on an entry here that is fixed (or gone): remove it then.
 KNOWN_GAPS: dict[str, set[str]] = {
-    "sinkhorn_ot.exact.EMDResult": {"example"},
-    "sinkhorn_ot.costs.euclidean": {"shapes"},
-    "sinkhorn_ot.costs.cosine": {"shapes"},
     "sinkhorn_ot.native.build": {"example"},
     "sinkhorn_ot.native.cpu_compile_flags": {"example"},
     "sinkhorn_ot.native.cpu_sources": {"example"},
     "sinkhorn_ot.native.enabled": {"example"},
     "sinkhorn_ot.native.info_lines": {"example"},
-    "sinkhorn_ot.testing.random_problem": {"example"},
     "sinkhorn_ot.__main__.main": {"example"},
 }
 
