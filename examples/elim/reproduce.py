@@ -2,10 +2,12 @@
 
     python examples/elim/reproduce.py                       # 3 seeds x {baseline, elim}
     python examples/elim/reproduce.py --seeds 0 1 -- --max-steps 50 --backbone resnet18
+    python examples/elim/reproduce.py --jobs 2 --variant "elim (released BN)" \
+        "--method elim --elim-bn-stats update"             # an extra column, 2 runs at a time
 
 Each run is ``train.py --method M --seed S --out OUT/M-seedS`` plus the shared
-arguments (``--train-args`` defaults, then anything after ``--``), in a fresh process,
-one after the other. Every method sees the same seeds, hence the same initial weights,
+arguments (``--train-args``, default ``--threads 1``, then anything after ``--``), in a
+fresh process. Every method sees the same seeds, hence the same initial weights,
 batches and augmentation; only the method differs. The table (held-out metrics, mean ±
 sample std over seeds, and the ELIM - baseline difference in mean CCC) is written
 between the ``<!-- reproduce:begin -->`` and ``<!-- reproduce:end -->`` markers of
@@ -24,13 +26,16 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("rmse", "sagr", "pcc", "ccc")
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
-DEFAULT_TRAIN_ARGS = ("--max-steps", "150", "--plots", "false")
-"""The per-run budget of the committed RESULTS.md (shorter than train.py's default run)."""
+DEFAULT_TRAIN_ARGS = ("--threads", "1")
+"""Every run is train.py's default run (same budget), pinned to one thread so that the
+numbers do not depend on how busy the machine was (the thread count changes the
+floating-point summation order)."""
 
 
 def mean_ccc(metrics: dict[str, float]) -> float:
@@ -105,8 +110,12 @@ def write_block(path: Path, block: str) -> None:
     path.write_text(text)
 
 
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
-    """Run every (method, seed), print and write the tables; returns the metrics."""
+    """Run every (variant, seed), print and write the tables; returns the metrics."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -115,6 +124,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["baseline", "elim"])
+    parser.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABEL", "ARGS"),
+        help="an extra column: train.py arguments under a label, e.g. "
+        "'elim (released BN)' '--method elim --elim-bn-stats update'",
+    )
     parser.add_argument("--out", default=str(HERE / "runs" / "reproduce"))
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     parser.add_argument(
@@ -122,40 +140,41 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         default=shlex.join(DEFAULT_TRAIN_ARGS),
         help="arguments given to every train.py run (before those after --)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (each uses --threads threads)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     shared = shlex.split(args.train_args) + extra
     out = Path(args.out)
+    variants = [(m, ["--method", m]) for m in args.methods]
+    variants += [(label, shlex.split(a)) for label, a in args.variant]
 
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in args.methods}
-    times: dict[str, list[float]] = {m: [] for m in args.methods}
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    start = time.perf_counter()
+    jobs = []
     for seed in args.seeds:
-        for method in args.methods:
-            run_dir = out / f"{method}-seed{seed}"
-            cmd = [
-                sys.executable,
-                str(HERE / "train.py"),
-                "--method",
-                method,
-                "--seed",
-                str(seed),
-                "--out",
-                str(run_dir),
-                "--progress",
-                "false",
-                *shared,
-            ]
+        for label, variant_args in variants:
+            run_dir = out / f"{_slug(label)}-seed{seed}"
+            cmd = [sys.executable, str(HERE / "train.py"), *variant_args, "--seed", str(seed)]
+            cmd += ["--out", str(run_dir), "--progress", "false", *shared]
+            jobs.append((label, seed, run_dir, cmd))
             print("$", shlex.join(cmd), flush=True)
-            if args.dry_run:
-                continue
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True)
-            times[method].append(time.perf_counter() - t0)
-            runs[method].append(json.loads((run_dir / "metrics.json").read_text()))
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in variants}
+    times: dict[str, list[float]] = {label: [] for label, _ in variants}
     if args.dry_run:
         return runs
+
+    def run(job) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(job[3], check=True, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
+        return time.perf_counter() - t0
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        durations = list(pool.map(run, jobs))  # in job order, so seeds stay paired
+    for (label, _seed, run_dir, _cmd), seconds in zip(jobs, durations):
+        times[label].append(seconds)
+        runs[label].append(json.loads((run_dir / "metrics.json").read_text()))
     total = time.perf_counter() - start
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -165,9 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     lines = [
         f"Command: `{command.strip()}`",
         "",
-        f"Every run: `train.py --method M --seed S {shlex.join(shared)}` "
-        f"(seeds {', '.join(map(str, args.seeds))}); held-out identities; mean ± sample std "
-        "over seeds.",
+        f"Every run: `train.py COLUMN --seed S {shlex.join(shared)}` with seeds "
+        f"{', '.join(map(str, args.seeds))}; columns: "
+        + "; ".join(f"{label} = `{shlex.join(a)}`" for label, a in variants)
+        + ". Metrics on the held-out identities; mean ± sample std over seeds.",
         "",
         results_table(runs),
         "",
@@ -191,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         per_seed_table(runs, args.seeds, times),
         "",
         f"Runtime: {total / 60:.1f} min for {sum(map(len, runs.values()))} runs on "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}){load}.",
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} at a time{load}.",
     ]
     block = "\n".join(lines)
     print(block)

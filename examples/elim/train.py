@@ -67,10 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out = Path(cfg.out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    # One share of the cores per process: oversubscribed threads slow everyone down.
-    threads = cfg.threads or max(
-        1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    )
+    # One share of the idle cores per process: oversubscribed threads slow everyone down.
+    threads = cfg.threads or distributed.default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(threads)
     say = print if dist.is_main else (lambda *a, **k: None)
     say(

@@ -345,3 +345,23 @@ def test_identity_share_separates_shortcut_from_expression():
     assert identity_share(labels, ids)[0] < 0.15  # labels independent of identity
     assert identity_share(per_identity, ids)[0] > 0.95  # a per-identity constant
     assert identity_share(torch.ones(160, 1), ids) == [0.0]
+
+
+@pytest.mark.parametrize("mode", ["freeze", "update"])
+def test_elim_loss_and_projector_running_statistics(mode):
+    """With "freeze", only the main step's raw features enter the projector's running
+    BatchNorm statistics (what evaluation uses); "update" is the released code."""
+    x, y, ids = _batch()
+    stats = {}
+    for method in ("baseline", "elim"):
+        model = _model(seed=3)
+        cfg = _cfg(method=method, update="combined", elim_bn_stats=mode)
+        opt = build_optimizers(model, cfg)
+        torch.manual_seed(0)
+        train_step(model, opt, x, y, ids, 3, cfg, matching_config(cfg), torch.Generator())
+        bn = model.projector.net[1]
+        stats[method] = (bn.running_mean.clone(), bn.running_var.clone(), bn.momentum)
+    same = torch.equal(stats["baseline"][0], stats["elim"][0])
+    same &= torch.equal(stats["baseline"][1], stats["elim"][1])
+    assert same == (mode == "freeze")
+    assert stats["elim"][2] == 0.1  # the momentum is restored afterwards

@@ -1,7 +1,9 @@
 """Smoke test of train.py: 2 iterations of every backbone x method on tiny inputs (CPU).
 
-The whole module takes well under a minute: a 9-identity synthetic set of 32 px faces,
-feature size 8, and the MLP-Mixer at 32 px (4 tokens; its 59M parameters still dominate).
+The six runs take under a minute of CPU time in total: a 9-identity synthetic set of
+32 px faces, feature size 8, one thread, and the MLP-Mixer at 16 px (a single token; its
+59M parameters, their Adam states and the checkpoint still dominate). CPU time rather
+than wall time is asserted, so that other jobs on a shared machine cannot fail the test.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import torch
 from test_train_helpers import read_png_size, run_train, tiny_config, write_config
 
 METRIC_KEYS = {"rmse_v", "rmse_a", "sagr_v", "sagr_a", "pcc_v", "pcc_a", "ccc_v", "ccc_a"}
-# AlexNet needs >= 63 px; the others run at the tiny data's native 32 px.
-IMAGE_SIZE = {"alexnet": 64, "resnet18": 32, "mixer": 32}
+# AlexNet needs >= 63 px; ResNet-18 runs at the tiny data's 32 px, the Mixer at 16 px.
+IMAGE_SIZE = {"alexnet": 64, "resnet18": 32, "mixer": 16}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def tiny_root(tmp_path_factory):
 def timings():
     record = {}
     yield record
-    assert sum(record.values()) < 60, f"smoke runs took {record} (limit 60 s in total)"
+    cpu = sum(c for c, _ in record.values())
+    assert cpu < 60, f"smoke runs took (CPU s, wall s) {record}: {cpu:.0f} s of CPU > 60 s"
 
 
 @pytest.mark.parametrize("method", ["baseline", "elim"])
@@ -39,11 +42,11 @@ def test_two_training_steps(backbone, method, tiny_root, tmp_path, timings):
         tiny_config(tiny_root, image_size=IMAGE_SIZE[backbone], plots=backbone == "resnet18"),
     )
     out = tmp_path / "run"
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     metrics = run_train(
         ["--config", str(cfg), "--backbone", backbone, "--method", method, "--out", str(out)]
     )
-    timings[f"{backbone}-{method}"] = time.perf_counter() - start
+    timings[f"{backbone}-{method}"] = (time.process_time() - cpu, time.perf_counter() - wall)
 
     written = json.loads((out / "metrics.json").read_text())
     assert set(written) == METRIC_KEYS and written == pytest.approx(metrics)

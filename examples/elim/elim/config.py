@@ -142,11 +142,11 @@ class TrainConfig:
         default=None, metadata=_help("local state_dict of the torchvision/timm backbone")
     )
     # ----------------------------------------------------------------- batches
-    batch_size: int = field(default=64, metadata=_help("images per step and process: P x K"))
+    batch_size: int = field(default=32, metadata=_help("images per step and process: P x K"))
     samples_per_identity: int = field(
-        default=8, metadata=_help("K of the P x K identity-aware sampler")
+        default=4, metadata=_help("K of the P x K identity-aware sampler")
     )
-    epochs: int = field(default=5, metadata=_help("passes over the training identities"))
+    epochs: int = field(default=3, metadata=_help("passes over the training images"))
     max_steps: int | None = field(
         default=None, metadata=_help("stop after this many iterations (overrides --epochs)")
     )
@@ -203,6 +203,15 @@ class TrainConfig:
         default=True,
         metadata=_help("ELIM loss: one projector call (BatchNorm batch) per identity"),
     )
+    elim_bn_stats: str = field(
+        default="freeze",
+        metadata=_help(
+            "projector BatchNorm running statistics during the ELIM loss: freeze (they "
+            "describe raw features, which is what evaluation feeds) or update (released "
+            "code: the normalised target features overwrite them)",
+            choices=("freeze", "update"),
+        ),
+    )
     clip_grad: float = field(
         default=1.0, metadata=_help("encoder grad-norm clip of the ELIM step; 0 disables")
     )
@@ -222,7 +231,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of weights, batches, augmentation, matching"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     threads: int = field(
-        default=0, metadata=_help("torch CPU threads per process; 0 = cores / processes")
+        default=0,
+        metadata=_help(
+            "torch CPU threads per process; 0 = this process's share of the idle cores "
+            "(cores / processes, less the load average)"
+        ),
     )
     out: str | None = field(
         default=None, metadata=_help("output folder; default examples/elim/runs/METHOD")
