@@ -317,7 +317,8 @@ def test_op_accepts_non_contiguous_inputs():
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({1: torch.ones(3, 7, dtype=torch.float64)}, r"`a` must have shape \(3, 6\)"),
+        ({1: torch.ones(3, 7, dtype=torch.float64)}, r"`a` must have shape \[3, 6\], got \[3, 7\]"),
+        ({3: torch.ones(2, dtype=torch.float64)}, r"`eps` must have shape \[3\]"),
         ({2: torch.ones(3, 5)}, "`b` must have the dtype of `C`"),
         ({10: 7}, "`method` must be 0 \\(log\\) or 1 \\(kernel\\)"),
         ({8: -1}, "`max_iter` must be >= 0"),

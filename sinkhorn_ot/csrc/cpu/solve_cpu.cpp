@@ -74,10 +74,10 @@ void solve_batch(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
-void check_vector(const at::Tensor& t, const char* name, int64_t batch, int64_t size,
-                  const at::Tensor& C) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == size, "sinkhorn_ot::solve: `",
-              name, "` must have shape (", batch, ", ", size, "), got ", t.sizes());
+void check_input(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                 const at::Tensor& C) {
+  TORCH_CHECK(t.sizes() == shape, "sinkhorn_ot::solve: `", name, "` must have shape ", shape,
+              ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == C.scalar_type(), "sinkhorn_ot::solve: `", name,
               "` must have the dtype of `C` (", C.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == C.device(), "sinkhorn_ot::solve: `", name,
@@ -94,11 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve_cpu(
               "sinkhorn_ot::solve: `C` must be float32 or float64, got ", C.scalar_type());
   TORCH_CHECK(C.device().is_cpu(), "sinkhorn_ot::solve (CPU kernel): `C` must be on the CPU");
   const int64_t batch = C.size(0), n = C.size(1), m = C.size(2);
-  check_vector(a, "a", batch, n, C);
-  check_vector(b, "b", batch, m, C);
-  check_vector(f0, "f0", batch, n, C);
-  check_vector(eps.unsqueeze(-1), "eps[:, None]", batch, 1, C);
-  check_vector(eps0.unsqueeze(-1), "eps0[:, None]", batch, 1, C);
+  check_input(a, "a", {batch, n}, C);
+  check_input(b, "b", {batch, m}, C);
+  check_input(f0, "f0", {batch, n}, C);
+  check_input(eps, "eps", {batch}, C);
+  check_input(eps0, "eps0", {batch}, C);
   TORCH_CHECK(method == 0 || method == 1,
               "sinkhorn_ot::solve: `method` must be 0 (log) or 1 (kernel), got ", method);
   TORCH_CHECK(max_iter >= 0, "sinkhorn_ot::solve: `max_iter` must be >= 0, got ", max_iter);
