@@ -114,4 +114,5 @@ def row_violation(
         ``(B,)`` float64.
     """
     ratio = torch.expm1((f.double() - f_next.double()) / eps.double())  # (B, N)
-    return (a.double() * ratio.abs()).sum(-1) / mass
+    # Padded rows (a = 0) may have inf ratios at tiny eps; they carry no mass.
+    return torch.where(a > 0, a.double() * ratio.abs(), 0).sum(-1) / mass

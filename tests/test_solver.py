@@ -220,3 +220,15 @@ def test_non_contiguous_and_expanded_inputs(backend):
         C[:1].expand(3, 5, 6), a[:1].expand(3, 5), b[:1].expand(3, 6), eps=0.2, backend=backend
     )
     assert torch.allclose(expanded.plan[2], ref.plan[0], rtol=1e-13, atol=0)
+
+
+def test_padded_rows_with_tiny_eps_do_not_poison_the_stopping_test(backend):
+    # A padded row's ratio can overflow at small eps; it carries no mass.
+    gen = torch.Generator().manual_seed(40)
+    Cs = [
+        torch.rand(5, 6, generator=gen, dtype=F64) * 3,
+        torch.rand(3, 4, generator=gen, dtype=F64) * 3,
+    ]
+    C, a, b = pad_batch(Cs)
+    res = solve(C, a, b, eps=0.002, max_iter=20000, backend=backend)
+    assert res.converged.all() and torch.isfinite(res.err).all()
