@@ -7,7 +7,7 @@ import importlib.util
 import sys
 
 import pytest
-from test_train_helpers import REPRODUCE_PY, tiny_config, write_config
+from test_train_helpers import REPRODUCE_PY, run_train, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,17 @@ def test_docstring_examples(reproduce):
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_end_to_end_on_tiny_data(reproduce, tmp_path):
+def test_end_to_end_on_tiny_data(reproduce, tmp_path, monkeypatch):
+    """Every run goes through train.py's command line; here in-process (no interpreter
+    start-up per run), by intercepting the subprocess call."""
+    commands = []
+
+    def fake_run(cmd, check, stdout=None):
+        assert cmd[1].endswith("train.py") and check
+        commands.append(cmd)
+        run_train(cmd[2:])
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
     cfg = write_config(
         tmp_path / "cfg.json", tiny_config(tmp_path / "data", backbone="resnet18", max_steps=1)
     )
@@ -68,14 +78,20 @@ def test_end_to_end_on_tiny_data(reproduce, tmp_path):
             str(results),
             "--train-args",
             "--plots false",
+            "--variant",
+            "elim scalar",
+            "--method elim --shift scalar",
             "--",
             "--config",
             str(cfg),
         ]
     )
-    assert set(runs) == {"baseline", "elim"} and all(len(v) == 1 for v in runs.values())
+    assert set(runs) == {"baseline", "elim", "elim scalar"}
+    assert all(len(v) == 1 for v in runs.values())
+    assert [c[c.index("--method") + 1] for c in commands] == ["baseline", "elim", "elim"]
+    assert commands[2][-2:] == ["--config", str(cfg)] and "--shift" in commands[2]
     text = results.read_text()
-    assert "| metric | baseline | elim |" in text
+    assert "| metric | baseline | elim | elim scalar |" in text
     assert "ELIM − baseline, mean CCC:" in text
     assert "--config" in text  # the exact command is recorded
-    assert (tmp_path / "runs" / "elim-seed0" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "elim-scalar-seed0" / "metrics.json").is_file()

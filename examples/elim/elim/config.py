@@ -245,7 +245,7 @@ class TrainConfig:
         metadata=_help("checkpoint to continue from; '--resume' alone = OUT/checkpoint.pt"),
     )
     eval_every: int = field(
-        default=0, metadata=_help("evaluate every N iterations; 0 = at the end")
+        default=100, metadata=_help("also evaluate every N iterations; 0 = only at the end")
     )
     ckpt_every: int = field(default=100, metadata=_help("checkpoint every N iterations"))
     log_every: int = field(default=1, metadata=_help("write the step log every N iterations"))
