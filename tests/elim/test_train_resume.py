@@ -122,3 +122,17 @@ def test_resume_continues_past_the_old_end_and_rejects_changed_settings(setup):
     )
     assert checkpoint.load(extended / checkpoint.CHECKPOINT_NAME)["step"] == STEPS + 2
     assert [r["step"] for r in _log(extended / "train_log.jsonl")] == [STEPS + 1, STEPS + 2]
+
+
+def test_periodic_evaluation_does_not_change_training(setup):
+    """Evaluating every iteration (eval mode, no RNG draws) leaves the run bit-identical,
+    so --eval-every can change on resume and between compared runs."""
+    root, cfg, reference = setup
+    out = root / "eval_every_step"
+    run_train(["--config", str(cfg), "--out", str(out), "--eval-every", "1"])
+    evals = _log(out / "eval_log.jsonl")
+    assert [r["step"] for r in evals] == list(range(1, STEPS + 1))
+    final = checkpoint.load(out / checkpoint.CHECKPOINT_NAME)
+    expected = checkpoint.load(reference / checkpoint.CHECKPOINT_NAME)
+    _assert_same(final["model"], expected["model"], "model")
+    _assert_same(final["optimizers"], expected["optimizers"], "optimizers")

@@ -417,7 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train ELIM (or the baseline) and evaluate on held-out identities.",
         argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="a .toml or .json file of TrainConfig fields")
     defaults = TrainConfig()

@@ -8,6 +8,7 @@ helper here also works, as a no-op, in a single process.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -87,7 +88,7 @@ def default_threads(processes: int = 1, cores: int | None = None, load: float | 
         load: load average; default ``os.getloadavg()[0]`` (0 where unavailable).
 
     Example:
-        >>> default_threads(1, cores=2, load=0.2), default_threads(1, cores=2, load=5.0)
+        >>> default_threads(1, cores=2, load=0.9), default_threads(1, cores=2, load=5.0)
         (2, 1)
         >>> default_threads(2, cores=16, load=3.0)
         8
@@ -96,7 +97,7 @@ def default_threads(processes: int = 1, cores: int | None = None, load: float | 
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     share = max(1, cores // max(processes, 1))
-    free = cores - round(load)
+    free = cores - math.floor(load)  # cores fully busy with other work
     return max(1, min(share, free))
 
 
