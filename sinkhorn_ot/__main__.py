@@ -16,7 +16,20 @@ from . import native
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Args:
+        argv: the arguments after ``python -m sinkhorn_ot``; default ``sys.argv[1:]``.
+
+    Example:
+        >>> from sinkhorn_ot.__main__ import main
+        >>> status = main(["build", "--no-cuda", "--quiet"])  # doctest: +ELLIPSIS
+        torch: ok
+        native-cpu: ...
+        native-cuda: ...
+        >>> status == 0  # 1 where the CPU extension cannot be compiled
+        True
+    """
     parser = argparse.ArgumentParser(
         prog="python -m sinkhorn_ot", description="sinkhorn_ot native backends"
     )

@@ -63,7 +63,14 @@ class NativeBuildWarning(RuntimeWarning):
 
 
 def enabled() -> bool:
-    """Whether native backends may be used (``SINKHORN_OT_NATIVE`` is not ``0``)."""
+    """Whether native backends may be used (``SINKHORN_OT_NATIVE`` is not ``0``).
+
+    Example:
+        >>> import os
+        >>> from sinkhorn_ot import native
+        >>> native.enabled() == (os.environ.get("SINKHORN_OT_NATIVE", "1").strip() != "0")
+        True
+    """
     return os.environ.get(ENV_SWITCH, "1").strip() != "0"
 
 
@@ -73,6 +80,11 @@ def cpu_compile_flags() -> list[str]:
     ``-O3`` always; ATen's AVX2 ``Vectorized`` (and ``-mavx2 -mfma``) where torch itself
     dispatches to AVX2 or AVX512 kernels on this CPU, ATen's generic vectors otherwise
     (so the build never emits instructions the CPU lacks).
+
+    Example:
+        >>> from sinkhorn_ot import native
+        >>> native.cpu_compile_flags()[0]
+        '-O3'
     """
     flags = ["-O3"]
     x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -127,7 +139,15 @@ def _summarise(exc: BaseException) -> str:
 
 
 def cpu_sources() -> list[str]:
-    """Sources of the CPU extension: the op schema and ``csrc/cpu/*.cpp``."""
+    """Sources of the CPU extension: the op schema and ``csrc/cpu/*.cpp``.
+
+    Example:
+        >>> import os
+        >>> from sinkhorn_ot import native
+        >>> sources = native.cpu_sources()
+        >>> os.path.basename(sources[0]), all(os.path.isfile(p) for p in sources)
+        ('sinkhorn.cpp', True)
+    """
     return [str(CSRC / "sinkhorn.cpp"), *sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))]
 
 
@@ -272,6 +292,12 @@ def build(*, cuda: bool | None = None, verbose: bool = True) -> dict[str, str | 
     Returns:
         ``{"native-cpu": error or None, "native-cuda": error or None}``; the CUDA entry is
         ``None`` also when it was skipped (see :func:`info_lines`).
+
+    Example:
+        >>> from sinkhorn_ot import native
+        >>> errors = native.build(cuda=False, verbose=False)  # the CPU extension only
+        >>> sorted(errors), errors["native-cuda"]
+        (['native-cpu', 'native-cuda'], None)
     """
     errors: dict[str, str | None] = {"native-cpu": None, "native-cuda": None}
     if not _CPU.load(_build_cpu, verbose=verbose, warn=False):
@@ -290,6 +316,18 @@ def info_lines(*, cuda: bool = True) -> list[str]:
 
     Args:
         cuda: also build/load the CUDA extension; ``False`` reports it as skipped.
+
+    Returns:
+        ``["torch: ok", "native-cpu: ...", "native-cuda: ..."]``, each native entry
+        ``ok``, ``compiled, no device`` or ``unavailable: <reason>``.
+
+    Example:
+        >>> from sinkhorn_ot import native
+        >>> for line in native.info_lines(cuda=False):
+        ...     print(line)  # doctest: +ELLIPSIS
+        torch: ok
+        native-cpu: ...
+        native-cuda: ...
     """
     lines = ["torch: ok"]
     if not enabled():
