@@ -8,7 +8,9 @@ process that already ran other benchmarks carries their allocator state.
   loaded everything lazily loaded, the kernel's high-water mark is reset
   (``/proc/self/clear_refs``), so ``VmHWM`` afterwards is the peak of the measured
   solve alone; we report it minus the RSS just before (``extra_mb``). Where the reset
-  is not available, ``ru_maxrss`` is used and ``reset`` says so.
+  is not available, ``ru_maxrss`` is used and ``reset`` says so. Run it with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` (``test_memory.py`` does): with glibc's adaptive
+  threshold, freed tensor buffers stay resident and the numbers depend on the warm-up.
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
   memory allocated before the solve.
 """
