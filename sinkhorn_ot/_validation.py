@@ -8,7 +8,9 @@ under ``python -O``.
 
 from __future__ import annotations
 
+import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,42 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+class ValueChecks:
+    """Checks on tensor values, evaluated together with a single device-to-host copy.
+
+    Each check is a 0-d bool tensor (``True`` = fine) and a function that raises the
+    detailed error. On a GPU every ``bool(tensor)`` waits for the device; with ~10
+    checks per call that dominated the time of small solves, so :func:`check_problem`
+    collects them here and reads all flags at once. On failure the first failing
+    check (in the order they were added, the order of the arguments) raises; only
+    then are the details of the message computed.
+    """
+
+    def __init__(self) -> None:
+        self._flags: list[torch.Tensor] = []
+        self._raisers: list[Callable[[], None]] = []
+
+    def add(self, ok: torch.Tensor, raise_error: Callable[[], None]) -> None:
+        self._flags.append(ok.reshape(()))
+        self._raisers.append(raise_error)
+
+    def run(self) -> None:
+        if not self._flags:
+            return
+        flags = torch.stack(self._flags).tolist()  # the one host sync
+        for ok, raise_error in zip(flags, self._raisers):
+            if not ok:
+                raise_error()
+        self._flags.clear()
+        self._raisers.clear()
+
+
+def _now(ok: torch.Tensor, raise_error: Callable[[], None]) -> None:
+    """Run one value check immediately (callers outside :func:`check_problem`)."""
+    if not bool(ok):
+        raise_error()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 are computed in float32; float32/float64 as they are."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -57,7 +95,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_cost(C: object) -> torch.Tensor:
+def check_cost(C: object, checks: ValueChecks | None = None) -> torch.Tensor:
     if not isinstance(C, torch.Tensor):
         raise TypeError(f"`C` must be a torch.Tensor, got {type(C).__name__}")
     if not C.is_floating_point():
@@ -71,17 +109,25 @@ def check_cost(C: object) -> torch.Tensor:
         )
     if C.shape[-1] == 0 or C.shape[-2] == 0 or (C.dim() == 3 and C.shape[0] == 0):
         raise ValueError(f"`C` must have non-empty dimensions, got shape {_shape(C)}")
-    if not bool(torch.isfinite(C).all()):
+
+    def not_finite() -> None:
         n_bad = int((~torch.isfinite(C)).sum())
         raise ValueError(
             f"`C` must be finite, got {n_bad} NaN or infinite entries; "
             "padding entries should be 0 (see pad_batch), not inf"
         )
+
+    (checks.add if checks is not None else _now)(torch.isfinite(C).all(), not_finite)
     return C
 
 
 def check_weights(
-    name: str, w: object, shape: tuple[int, int], C: torch.Tensor, batched: bool
+    name: str,
+    w: object,
+    shape: tuple[int, int],
+    C: torch.Tensor,
+    batched: bool,
+    checks: ValueChecks | None = None,
 ) -> torch.Tensor | None:
     """Validate ``a`` or ``b`` and return it batched, or ``None`` if it was ``None``."""
     if w is None:
@@ -102,23 +148,33 @@ def check_weights(
         raise ValueError(
             f"`{name}` must have shape (B, {letter}) = {shape} to match `C`, got {_shape(w)}"
         )
-    if not bool(torch.isfinite(w).all()):
+    add = checks.add if checks is not None else _now
+
+    def not_finite() -> None:
         raise ValueError(f"`{name}` must be finite, got NaN or infinite entries")
-    if bool((w < 0).any()):
+
+    def negative() -> None:
         raise ValueError(
             f"`{name}` must be non-negative, got minimum {float(w.min()):.3g}; "
             "zero weights mark padding"
         )
-    empty = (w.sum(-1) == 0).nonzero().flatten().tolist()
-    if empty:
+
+    def empty() -> None:
+        problems = (w.sum(-1) == 0).nonzero().flatten().tolist()
         raise ValueError(
             f"`{name}` must have positive total mass in every problem, "
-            f"got all-zero weights in problem(s) {empty[:10]}"
+            f"got all-zero weights in problem(s) {problems[:10]}"
         )
+
+    add(torch.isfinite(w).all(), not_finite)
+    add(~(w < 0).any(), negative)
+    add((w.sum(-1) != 0).all(), empty)
     return w
 
 
-def check_masses(a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
+def check_masses(
+    a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype, checks: ValueChecks | None = None
+) -> torch.Tensor:
     """Balanced OT needs equal total mass per problem, up to the rounding of ``input_dtype``.
 
     Returns ``b`` rescaled to the mass of ``a`` so the remaining rounding difference
@@ -127,18 +183,24 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype) -> 
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
     rtol = torch.finfo(input_dtype).eps ** 0.5
-    bad = ((sa - sb).abs() > rtol * torch.maximum(sa, sb)).nonzero().flatten()
-    if len(bad):
+    differs = (sa - sb).abs() > rtol * torch.maximum(sa, sb)
+
+    def unequal() -> None:
+        bad = differs.nonzero().flatten()
         i = int(bad[0])
         raise ValueError(
             f"`a` and `b` must have the same total mass in every problem (balanced OT), "
             f"got a.sum() = {float(sa[i]):.8g} and b.sum() = {float(sb[i]):.8g} in problem {i} "
             f"({len(bad)} problem(s) differ); rescale one of them"
         )
+
+    (checks.add if checks is not None else _now)(~differs.any(), unequal)
     return b * (sa / sb).to(b.dtype).unsqueeze(-1)
 
 
-def check_eps(eps: object, batch: int, batched: bool, C: torch.Tensor) -> torch.Tensor:
+def check_eps(
+    eps: object, batch: int, batched: bool, C: torch.Tensor, checks: ValueChecks | None = None
+) -> torch.Tensor:
     """Return eps as a ``(B,)`` tensor on C's device."""
     if eps is None:
         raise TypeError("`eps` is required: pass a positive float or a (B,) tensor")
@@ -157,12 +219,18 @@ def check_eps(eps: object, batch: int, batched: bool, C: torch.Tensor) -> torch.
             expected = f"(B,) = ({batch},)" if batched else "a scalar"
             raise ValueError(f"`eps` must be {expected}, got shape {_shape(eps)}")
         values = eps.detach()
-    else:
-        values = torch.tensor(float(eps))
-        eps = torch.full((batch,), float(eps), dtype=torch.float64, device=C.device)
-    if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
-        raise ValueError(f"`eps` must be > 0 and finite, got {values.min().item():.6g}")
-    return eps
+
+        def invalid() -> None:
+            bad = values[~(torch.isfinite(values) & (values > 0))]
+            raise ValueError(f"`eps` must be > 0 and finite, got {bad[0].item():.6g}")
+
+        ok = (torch.isfinite(values) & (values > 0)).all()
+        (checks.add if checks is not None else _now)(ok, invalid)
+        return eps
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`eps` must be > 0 and finite, got {value:.6g}")
+    return torch.full((batch,), value, dtype=torch.float64, device=C.device)
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -231,12 +299,13 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     ``None`` weights become uniform; if only one of ``a``/``b`` is given the other is
     uniform with the same total mass.
     """
-    C = check_cost(C)
+    checks = ValueChecks()
+    C = check_cost(C, checks)
     batched = C.dim() == 3
     Cb = C if batched else C.unsqueeze(0)
     batch, n, m = Cb.shape
-    a_b = check_weights("a", a, (batch, n), C, batched)
-    b_b = check_weights("b", b, (batch, m), C, batched)
+    a_b = check_weights("a", a, (batch, n), C, batched, checks)
+    b_b = check_weights("b", b, (batch, m), C, batched, checks)
     dtype = compute_dtype(C.dtype)
     Cb = Cb.to(dtype)
     mass = None
@@ -250,6 +319,7 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else (mass / n).expand(batch, n)
     b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else (mass / m).expand(batch, m)
     weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
-    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype))
-    eps_b = check_eps(eps, batch, batched, C).to(dtype)
+    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype), checks)
+    eps_b = check_eps(eps, batch, batched, C, checks).to(dtype)
+    checks.run()
     return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)

@@ -117,3 +117,42 @@ def test_pad_batch_errors():
 def test_emd_validates_like_sinkhorn():
     with pytest.raises(ValueError, match="same total mass"):
         emd(C, A * 3, B)
+
+
+def _count_host_reads(monkeypatch):
+    """Patch every Tensor -> Python conversion to count it (each is a sync on a GPU)."""
+    calls = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_valid_input_is_checked_with_one_host_read(monkeypatch):
+    from sinkhorn_ot._validation import check_problem
+
+    eps = torch.full((2,), 0.1, dtype=torch.float64)
+    calls = _count_host_reads(monkeypatch)
+    problem = check_problem(C, A, B, eps)
+    assert calls == ["tolist"], calls
+    assert problem.C.shape == (2, 4, 3) and problem.eps.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        # Several faults at once: the first argument's fault is the one reported.
+        ({"C": C.clone().fill_(float("nan")), "a": -A}, r"`C` must be finite"),
+        ({"a": A.clone().fill_(float("nan")), "b": -B}, r"`a` must be finite"),
+        ({"a": -A, "eps": torch.tensor([0.1, -1.0], dtype=torch.float64)}, r"`a` must be non"),
+        ({"eps": torch.tensor([0.1, float("nan")], dtype=torch.float64)}, r"`eps`.*got nan"),
+    ],
+)
+def test_first_fault_in_argument_order_is_reported(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(**overrides)
