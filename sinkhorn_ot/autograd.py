@@ -10,7 +10,7 @@ Implicit (DESIGN §5). The potentials solve ``F(x, θ) = 0`` with ``x = (f, g)``
 which equals ``D^{-1} H`` for ``D = diag(a, b)`` and the symmetric positive
 semi-definite ``H = [[diag(a), P], [P^T, diag(b)]]``. Backpropagating ``x̄`` means
 solving ``J^T λ = x̄``, i.e. ``H μ = x̄`` and ``λ = D μ``, then
-``θ̄ = -∂/∂θ <λ, F(x, θ)>`` (one autograd call through ``F``). Memory is a few
+``θ̄ = -∂/∂θ <λ, F(x, θ)>`` (in closed form, :func:`parameter_grads`). Memory is a few
 ``(B, N, M)`` tensors whatever the number of iterations.
 
 ``H`` has the null space ``(1, -1)`` (``(f + c, g - c)`` solves the same problem). The
@@ -69,15 +69,10 @@ class ImplicitPotentials(torch.autograd.Function):
             return tuple(None if t is None else _NoSecondOrder.apply(t, anchor) for t in grads)
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
-        lam_f, lam_g = adjoint(C, a, b, eps, f, g, grad_f, grad_g)
-        wanted = ctx.needs_input_grad[:4]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(w) for t, w in zip((C, a, b, eps), wanted)]
-            F_f, F_g = residuals(*leaves, f, g)
-            total = -(lam_f * F_f).sum() - (lam_g * F_g).sum()
-            targets = [t for t, w in zip(leaves, wanted) if w]
-            grads = iter(torch.autograd.grad(total, targets)) if targets else iter(())
-        return (*[next(grads) if w else None for w in wanted], None, None)
+        Q = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1))  # (B, N, M)
+        lam_f, lam_g = adjoint(Q, a, b, grad_f, grad_g)
+        grads = parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
 
 class _NoSecondOrder(torch.autograd.Function):
@@ -93,7 +88,11 @@ class _NoSecondOrder(torch.autograd.Function):
 
 
 def residuals(C, a, b, eps, f, g):
-    """``F_f = f - row(g)`` ``(B, N)`` and ``F_g = g - col(f)`` ``(B, M)``, log domain."""
+    """``F_f = f - row(g)`` ``(B, N)`` and ``F_g = g - col(f)`` ``(B, M)``, log domain.
+
+    The backward uses their derivatives in closed form (:func:`parameter_grads`); this
+    differentiable version is what the tests check them against.
+    """
     e = eps.view(-1, 1, 1)
     base = (f.unsqueeze(2) + g.unsqueeze(1) - C) / e  # (B, N, M)
     # f - row(g) = eps * log sum_j b_j exp((f_i + g_j - C_ij) / eps), likewise for g.
@@ -102,9 +101,58 @@ def residuals(C, a, b, eps, f, g):
     return F_f, F_g
 
 
-def adjoint(C, a, b, eps, f, g, grad_f, grad_g):
-    """Solve ``J^T λ = (grad_f, grad_g)`` at the fixed point; returns ``λ_f, λ_g``."""
-    Q = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1))  # (B, N, M)
+def parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, wanted):
+    """``θ̄ = -∂/∂θ (<λ_f, F_f> + <λ_g, F_g>)`` for ``θ = (C, a, b, eps)``, in closed form.
+
+    With ``r_i = Σ_j b_j Q_ij`` and ``c_j = Σ_i a_i Q_ij`` (both about 1 at the fixed
+    point) the residuals are ``F_f = eps log r`` and ``F_g = eps log c``, so, with
+    ``L = f + g - C``::
+
+        C̄_ij = Q_ij (λf_i b_j / r_i + a_i λg_j / c_j)
+        ā_i  = -eps Σ_j Q_ij λg_j / c_j          (0 where a_i = 0, as log's gradient there)
+        b̄_j  = -eps Σ_i λf_i Q_ij / r_i          (0 where b_j = 0)
+        eps̄  = -Σ_i λf_i (log r_i - Σ_j b_j Q_ij L_ij / (r_i eps))
+               -Σ_j λg_j (log c_j - Σ_i a_i Q_ij L_ij / (c_j eps))
+
+    This reuses the adjoint's ``Q`` instead of differentiating :func:`residuals` with
+    autograd, which costs several more ``(B, N, M)`` passes and exponentials.
+
+    Args:
+        Q: ``exp((f_i + g_j - C_ij) / eps)``, ``(B, N, M)``.
+        C: ``(B, N, M)``; a, f, lam_f: ``(B, N)``; b, g, lam_g: ``(B, M)``; eps: ``(B,)``.
+        wanted: four bools, which of ``C, a, b, eps`` need a gradient.
+
+    Returns:
+        ``(C̄, ā, b̄, eps̄)`` with ``None`` for those not wanted.
+    """
+    want_C, want_a, want_b, want_eps = wanted
+    r = torch.bmm(Q, b.unsqueeze(-1)).squeeze(-1)  # (B, N)
+    c = torch.bmm(a.unsqueeze(1), Q).squeeze(1)  # (B, M)
+    u, v = lam_f / r, lam_g / c
+    e = eps.unsqueeze(-1)
+    grad_C = grad_a = grad_b = grad_eps = None
+    if want_C:
+        grad_C = Q * (u.unsqueeze(2) * b.unsqueeze(1) + a.unsqueeze(2) * v.unsqueeze(1))
+    if want_a:
+        grad_a = torch.where(a > 0, -e * torch.bmm(Q, v.unsqueeze(-1)).squeeze(-1), 0)
+    if want_b:
+        grad_b = torch.where(b > 0, -e * torch.bmm(u.unsqueeze(1), Q).squeeze(1), 0)
+    if want_eps:
+        QL = Q * (f.unsqueeze(2) + g.unsqueeze(1) - C)  # (B, N, M)
+        row_mean = torch.bmm(QL, b.unsqueeze(-1)).squeeze(-1) / r
+        col_mean = torch.bmm(a.unsqueeze(1), QL).squeeze(1) / c
+        grad_eps = -(lam_f * (r.log() - row_mean / e)).sum(-1)
+        grad_eps = grad_eps - (lam_g * (c.log() - col_mean / e)).sum(-1)
+    return grad_C, grad_a, grad_b, grad_eps
+
+
+def adjoint(Q, a, b, grad_f, grad_g):
+    """Solve ``J^T λ = (grad_f, grad_g)`` at the fixed point; returns ``λ_f, λ_g``.
+
+    Args:
+        Q: ``exp((f_i + g_j - C_ij) / eps)``, ``(B, N, M)``.
+        a, grad_f: ``(B, N)``; b, grad_g: ``(B, M)``.
+    """
     row_pad, col_pad = a == 0, b == 0
     # Padded rows/columns have identity rows in J^T: λ = x̄ there; move their
     # coupling to the right-hand side of the real equations.

@@ -185,3 +185,29 @@ def test_implicit_is_the_default_and_float32_works(backend):
     sinkhorn(ref, a, b, eps=0.05, tol=1e-12).value_linear.sum().backward()
     assert torch.isfinite(C.grad).all()
     assert rel(C.grad.double(), ref.grad) <= 1e-3
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_closed_form_parameter_gradients_equal_autograd_of_residuals(padded):
+    """The backward's closed-form θ̄ matches autograd through F(x, θ) itself, at any
+    (f, g) and λ (not only at the fixed point), with zero-weight padding."""
+    C, a, b = padded_problem() if padded else random_problem(2, 5, 4, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    eps = torch.tensor([0.3, 0.7], dtype=F64)
+    f = torch.randn(a.shape, generator=gen, dtype=F64) * 0.1
+    g = torch.randn(b.shape, generator=gen, dtype=F64) * 0.1
+    lam_f = torch.randn(a.shape, generator=gen, dtype=F64)
+    lam_g = torch.randn(b.shape, generator=gen, dtype=F64)
+    leaves = [t.clone().requires_grad_(True) for t in (C, a, b, eps)]
+    F_f, F_g = implicit_module.residuals(*leaves, f, g)
+    total = -(lam_f * F_f).sum() - (lam_g * F_g).sum()
+    expected = torch.autograd.grad(total, leaves)
+
+    Q = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1))
+    got = implicit_module.parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, [True] * 4)
+    for name, want, have in zip("C a b eps".split(), expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12, msg=name)
+    partial = implicit_module.parameter_grads(
+        Q, C, a, b, eps, f, g, lam_f, lam_g, [False, True, False, True]
+    )
+    assert partial[0] is None and partial[2] is None
