@@ -132,7 +132,8 @@ def parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, wanted):
     e = eps.unsqueeze(-1)
     grad_C = grad_a = grad_b = grad_eps = None
     if want_C:
-        grad_C = Q * (u.unsqueeze(2) * b.unsqueeze(1) + a.unsqueeze(2) * v.unsqueeze(1))
+        # u_i b_j + a_i v_j as one (N, 2) x (2, M) product: one pass instead of three.
+        grad_C = torch.bmm(torch.stack((u, a), -1), torch.stack((b, v), 1)).mul_(Q)
     if want_a:
         grad_a = torch.where(a > 0, -e * torch.bmm(Q, v.unsqueeze(-1)).squeeze(-1), 0)
     if want_b:
@@ -156,11 +157,11 @@ def adjoint(Q, a, b, grad_f, grad_g):
     row_pad, col_pad = a == 0, b == 0
     # Padded rows/columns have identity rows in J^T: λ = x̄ there; move their
     # coupling to the right-hand side of the real equations.
-    rf = grad_f - a * (Q * torch.where(col_pad, grad_g, 0).unsqueeze(1)).sum(-1)
-    rg = grad_g - b * (Q * torch.where(row_pad, grad_f, 0).unsqueeze(2)).sum(1)
+    rf = grad_f - a * torch.bmm(Q, torch.where(col_pad, grad_g, 0).unsqueeze(-1)).squeeze(-1)
+    rg = grad_g - b * torch.bmm(torch.where(row_pad, grad_f, 0).unsqueeze(1), Q).squeeze(1)
     rf = torch.where(row_pad, 0, rf)
     rg = torch.where(col_pad, 0, rg)
-    P = a.unsqueeze(2) * b.unsqueeze(1) * Q
+    P = (Q * a.unsqueeze(2)).mul_(b.unsqueeze(1))
     if a.shape[1] >= b.shape[1]:
         mu_f, mu_g = _solve_h(P, a, b, rf, rg)
     else:
