@@ -2,6 +2,8 @@
 
     python examples/elim/train.py                              # ELIM, synthetic faces, ~5 min on 2 CPU cores
     python examples/elim/train.py --method baseline            # regression loss only
+    python examples/elim/train.py --method elim-attention      # ELIM-Attention (appendix §4.3)
+    python examples/elim/train.py --domain age --samples-per-identity 8   # ELIM-Age (§4.4)
     python examples/elim/train.py --config examples/elim/configs/afew_va.toml --data-root /data/AFEW-VA
     torchrun --nproc_per_node 2 examples/elim/train.py          # DDP (gloo on CPU, nccl on GPU)
     python examples/elim/train.py --resume                     # continue OUT/checkpoint.pt
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = core
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            core,
+            device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            # The attention module only gets gradients in the ELIM step, not the main one.
+            find_unused_parameters=core.attention is not None,
         )
     # Separate streams, all saved in checkpoints: dropout (global RNG, per rank),
     # augmentation, and the matching's domain draw + Gumbel noise.

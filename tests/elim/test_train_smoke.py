@@ -1,6 +1,6 @@
 """Smoke test of train.py: 2 iterations of every backbone x method on tiny inputs (CPU).
 
-The six runs take under a minute of CPU time in total: a 9-identity synthetic set of
+The nine runs take under a minute of CPU time in total: a 9-identity synthetic set of
 32 px faces, feature size 8, one thread, and the MLP-Mixer at 16 px (a single token; its
 59M parameters, their Adam states and the checkpoint still dominate). CPU time rather
 than wall time is asserted, so that other jobs on a shared machine cannot fail the test.
@@ -34,7 +34,7 @@ def timings():
     assert cpu < 60, f"smoke runs took (CPU s, wall s) {record}: {cpu:.0f} s of CPU > 60 s"
 
 
-@pytest.mark.parametrize("method", ["baseline", "elim"])
+@pytest.mark.parametrize("method", ["baseline", "elim", "elim-attention"])
 @pytest.mark.parametrize("backbone", ["alexnet", "resnet18", "mixer"])
 def test_two_training_steps(backbone, method, tiny_root, tmp_path, timings):
     cfg = write_config(
@@ -55,13 +55,15 @@ def test_two_training_steps(backbone, method, tiny_root, tmp_path, timings):
     assert [r["step"] for r in log] == [1, 2]
     assert all(math.isfinite(r["loss_main"]) for r in log)
     # ramp_start=0, ramp_end=1: the ELIM loss is off at iteration 0 and on at iteration 1.
-    if method == "elim":
+    if method != "baseline":
         assert log[0]["loss_elim"] == 0.0 and log[1]["loss_elim"] > 0.0
         assert log[1]["n_domains"] >= 2
     else:
         assert all(r["loss_elim"] == 0.0 for r in log)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["config"]["backbone"] == backbone
+    has_attention = any(k.startswith("attention.") for k in state["model"])
+    assert has_attention == (method == "elim-attention")
     run = json.loads((out / "run.json").read_text())
     assert run["iterations"] == 2 and run["replicas_in_sync"] is True
     if backbone == "resnet18":  # plots: one backbone is enough to exercise them

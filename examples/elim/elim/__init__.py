@@ -9,9 +9,11 @@ Reference application of :mod:`sinkhorn_ot` (Kim & Song, NeurIPS 2022). Submodul
   Sinkhorn ID shift.
 - :mod:`elim.losses`: the regression loss, the ELIM loss and its warm-up ramp.
 - :mod:`elim.metrics`: RMSE, SAGR, PCC and CCC over a whole evaluation set.
+- :mod:`elim.analysis`: trained runs -> frozen features, identity and valence/arousal
+  linear probes, identity-shift pairs, t-SNE.
 
 Submodules are not imported here so that ``import elim`` stays cheap (the backbones pull
 in torchvision and timm).
 """
 
-__all__ = ["attention", "losses", "matching", "metrics", "models"]
+__all__ = ["analysis", "attention", "losses", "matching", "metrics", "models"]

@@ -34,6 +34,7 @@ except ModuleNotFoundError:  # Python 3.10: JSON config files still work
 __all__ = [
     "BACKBONES",
     "DATA_KINDS",
+    "MATCHING_METHODS",
     "METHODS",
     "RESUMABLE_OVERRIDES",
     "TrainConfig",
@@ -42,10 +43,14 @@ __all__ = [
     "parse_args",
 ]
 
-METHODS = ("baseline", "elim")
-"""Training methods. ELIM-Attention (``elim.attention.ELIMAttention``) will be added here
-as ``"elim-attention"``; ``elim.training.build_model`` and ``elim_step`` are the only
-places that branch on the method."""
+METHODS = ("baseline", "elim", "elim-attention")
+"""Training methods: the regression loss only; + OT identity matching (ELIM-Sinkhorn);
++ matching whose ID shift is a learned cross-attention weight (ELIM-Attention, appendix
+§4.3, :class:`elim.attention.ELIMAttention`). ELIM-Age is not a method but a domain:
+``--method elim --domain age``. ``elim.training.build_model``, ``build_optimizers`` and
+``train_step`` are the only places that branch on the method."""
+MATCHING_METHODS = ("elim", "elim-attention")
+"""Methods that add the ELIM loss (and need several domains per batch)."""
 BACKBONES = ("alexnet", "resnet18", "mixer")
 DATA_KINDS = ("synthetic", "csv", "afew-va", "affectnet")
 UPDATES = ("two-step", "combined")
@@ -85,7 +90,9 @@ class TrainConfig:
     method: str = field(
         default="elim",
         metadata=_help(
-            "baseline: regression loss only; elim: + OT identity matching", choices=METHODS
+            "baseline: regression loss only; elim: + OT identity matching; "
+            "elim-attention: + matching with a learned cross-attention ID shift",
+            choices=METHODS,
         ),
     )
     update: str = field(
@@ -110,7 +117,9 @@ class TrainConfig:
     domain: str = field(
         default="auto",
         metadata=_help(
-            "what a matching domain is: identity, age (ELIM-Age, needs ages), image, or auto",
+            "what a matching domain is: identity, age (ELIM-Age: 5 age groups, needs ages "
+            "in [18, 85)), image, or auto (identity for synthetic/csv/afew-va; age group "
+            "for affectnet with --age-file, else image)",
             choices=("auto", "identity", "age", "image"),
         ),
     )
@@ -215,10 +224,20 @@ class TrainConfig:
     clip_grad: float = field(
         default=1.0, metadata=_help("encoder grad-norm clip of the ELIM step; 0 disables")
     )
+    attention_heads: int = field(
+        default=8, metadata=_help("elim-attention: heads of both MHA layers (divide D)")
+    )
     # ----------------------------------------------------------------- optimiser
     lr: float = field(default=1e-3, metadata=_help("Adam lr of the encoder"))
     projector_lr_mult: float = field(
         default=0.2, metadata=_help("projector lr = this x --lr (released code: 0.2)")
+    )
+    attention_lr_mult: float = field(
+        default=1.0,
+        metadata=_help(
+            "elim-attention: lr of the attention module = this x --lr (it starts from "
+            "random weights, like the encoder; the paper gives no value)"
+        ),
     )
     betas: tuple[float, float] = field(default=(0.5, 0.99), metadata=_help("Adam betas"))
     weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
@@ -305,6 +324,16 @@ class TrainConfig:
             raise ValueError(f"`betas` must hold two numbers, got {self.betas}")
         if self.clip_grad < 0:
             raise ValueError(f"`clip_grad` must be >= 0, got {self.clip_grad}")
+        # Only checked where it is used, so that any D stays valid for the other methods.
+        if self.method == "elim-attention" and (
+            self.attention_heads < 1 or self.feature_dim % self.attention_heads
+        ):
+            raise ValueError(
+                f"`attention_heads` must be a positive divisor of feature_dim "
+                f"({self.feature_dim}), got {self.attention_heads}"
+            )
+        if not self.attention_lr_mult > 0:
+            raise ValueError(f"`attention_lr_mult` must be > 0, got {self.attention_lr_mult}")
 
     @property
     def identities_per_batch(self) -> int:

@@ -35,11 +35,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD, DistributedIdentityBatchSampler, build_datasets
+from .attention import ELIMAttention
+from .config import MATCHING_METHODS, TrainConfig
+from .data import (
+    AGE_GROUP_EDGES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DistributedIdentityBatchSampler,
+    build_datasets,
+)
 from .data.synthetic import SyntheticConfig
 from .losses import elim_loss, regression_loss, warmup_ramp
 from .matching import MatchingConfig, elim_matching_step
@@ -55,6 +63,7 @@ __all__ = [
     "build_datasets_for",
     "build_model",
     "build_optimizers",
+    "check_age_domain",
     "check_ot_grad",
     "default_data_root",
     "evaluate",
@@ -79,11 +88,15 @@ EXAMPLE_DIR = Path(__file__).resolve().parents[1]
 
 
 class ELIMModel(nn.Module):
-    """Encoder ``f_phi`` and projector ``f_theta`` in one module (one DDP wrapper).
+    """Encoder ``f_phi``, projector ``f_theta`` and, for ELIM-Attention, the attention
+    module in one module (one DDP wrapper, one ``state_dict`` for checkpoints).
 
     Args:
         encoder: images ``(B, 3, S, S)`` -> features ``(B, D)``.
         projector: features ``(B, D)`` -> valence/arousal ``(B, 2)``.
+        attention: an :class:`elim.attention.ELIMAttention` (``--method
+            elim-attention``) or ``None``; it is used only by the ELIM step, never by
+            :meth:`forward`.
 
     Example:
         >>> m = ELIMModel(torch.nn.Linear(3, 4), Projector(4)).eval()
@@ -92,10 +105,13 @@ class ELIMModel(nn.Module):
         (torch.Size([5, 4]), torch.Size([5, 2]), None)
     """
 
-    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+    def __init__(
+        self, encoder: nn.Module, projector: nn.Module, attention: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
+        self.attention = attention
 
     def forward(
         self, images: torch.Tensor, project: bool = True
@@ -111,15 +127,26 @@ class ELIMModel(nn.Module):
 
 
 def build_model(cfg: TrainConfig) -> ELIMModel:
-    """Encoder of ``cfg.backbone`` (``cfg.pretrained`` loaded if given) + projector.
+    """Encoder of ``cfg.backbone`` (``cfg.pretrained`` loaded if given) + projector, and
+    ``ELIMAttention(cfg.feature_dim, cfg.attention_heads)`` for ``--method elim-attention``.
 
-    An ``"elim-attention"`` method would add ``ELIMAttention(cfg.feature_dim)`` here as
-    a third submodule (and an optimiser for it in :func:`build_optimizers`).
+    The attention module is built *after* encoder and projector, so that with the same
+    seed every method starts from the same encoder and projector weights.
+
+    Example:
+        >>> cfg = TrainConfig(method="elim-attention", backbone="resnet18", feature_dim=16)
+        >>> m = build_model(cfg)
+        >>> type(m.attention).__name__, build_model(TrainConfig(feature_dim=16)).attention
+        ('ELIMAttention', None)
     """
     encoder = build_encoder(
         cfg.backbone, cfg.feature_dim, image_size=cfg.image_size, pretrained_path=cfg.pretrained
     )
-    return ELIMModel(encoder, Projector(cfg.feature_dim))
+    projector = Projector(cfg.feature_dim)
+    attention = None
+    if cfg.method == "elim-attention":
+        attention = ELIMAttention(cfg.feature_dim, num_heads=cfg.attention_heads)
+    return ELIMModel(encoder, projector, attention)
 
 
 @dataclass
@@ -130,15 +157,21 @@ class Optimizers:
         encoder: optimiser of ``f_phi`` (lr ``cfg.lr``).
         projector: optimiser of ``f_theta`` (lr ``cfg.lr * cfg.projector_lr_mult``).
         schedulers: one MultiStepLR per optimiser, stepped once per iteration.
+        attention: optimiser of the ELIM-Attention module (lr ``cfg.lr *
+            cfg.attention_lr_mult``), or ``None`` for the other methods.
     """
 
     encoder: torch.optim.Optimizer
     projector: torch.optim.Optimizer
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    attention: torch.optim.Optimizer | None = None
 
     def named(self) -> dict[str, torch.optim.Optimizer]:
-        """``{"encoder": ..., "projector": ...}``."""
-        return {"encoder": self.encoder, "projector": self.projector}
+        """``{"encoder": ..., "projector": ...}`` (+ ``"attention"`` when present)."""
+        named = {"encoder": self.encoder, "projector": self.projector}
+        if self.attention is not None:
+            named["attention"] = self.attention
+        return named
 
     def zero_grad(self) -> None:
         """Clear the gradients of every optimised parameter."""
@@ -166,7 +199,13 @@ class Optimizers:
 
 
 def build_optimizers(model: ELIMModel, cfg: TrainConfig) -> Optimizers:
-    """Adam(betas) for encoder and projector; the projector's lr is ``projector_lr_mult x lr``."""
+    """Adam(betas) for encoder and projector; the projector's lr is ``projector_lr_mult x lr``.
+
+    A model with an attention module (ELIM-Attention) gets a third Adam for it, lr
+    ``attention_lr_mult x lr`` (default: the encoder's lr; the appendix gives none, and
+    the module starts from random weights like the encoder, whereas the released
+    code's reduced projector lr is meant for a head on top of pretrained features).
+    """
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     enc = torch.optim.Adam(
         model.encoder.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay
@@ -177,12 +216,22 @@ def build_optimizers(model: ELIMModel, cfg: TrainConfig) -> Optimizers:
         betas=betas,
         weight_decay=cfg.weight_decay,
     )
+    named = [("encoder", enc), ("projector", proj)]
+    att = None
+    if getattr(model, "attention", None) is not None:
+        att = torch.optim.Adam(
+            model.attention.parameters(),
+            lr=cfg.lr * cfg.attention_lr_mult,
+            betas=betas,
+            weight_decay=cfg.weight_decay,
+        )
+        named.append(("attention", att))
     milestones = sorted(int(m) for m in cfg.milestones)
     schedulers = {
         name: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma)
-        for name, opt in (("encoder", enc), ("projector", proj))
+        for name, opt in named
     }
-    return Optimizers(enc, proj, schedulers)
+    return Optimizers(enc, proj, schedulers, att)
 
 
 # ------------------------------------------------------------------------------ matching
@@ -270,7 +319,7 @@ def build_datasets_for(cfg: TrainConfig, data_root: str | Path):
     """
     train_tf, eval_tf = _transforms(cfg.image_size)
     synthetic = SyntheticConfig(**cfg.synthetic_overrides) if cfg.synthetic_overrides else None
-    return build_datasets(
+    train, evaluation = build_datasets(
         cfg.data,
         data_root,
         cfg.image_size,
@@ -281,6 +330,54 @@ def build_datasets_for(cfg: TrainConfig, data_root: str | Path):
         train_transform=train_tf,
         eval_transform=eval_tf,
     )
+    if cfg.domain == "age":
+        check_age_domain(train, "train")
+        check_age_domain(evaluation, "eval")
+    return train, evaluation
+
+
+def check_age_domain(dataset, split: str = "train") -> None:
+    """With ``--domain age`` (ELIM-Age), every image needs an age in ``[18, 85)``.
+
+    The data layer maps ages outside the five groups of appendix §4.4 to the nearest
+    group (:func:`elim.data.age_group` clamps); a training run that asked for ELIM-Age
+    instead stops with the first offending image, so that children or typos never end
+    up silently in the 18-29 group.
+
+    Args:
+        dataset: a dataset of :mod:`elim.data` (``ages`` is ``(N,)`` int64 or ``None``).
+        split: ``"train"`` or ``"eval"``, for the message.
+
+    Raises:
+        ValueError: ``ages`` is ``None``, or an age lies outside ``[18, 85)``.
+
+    Example:
+        >>> class Toy:
+        ...     ages = torch.tensor([18, 29, 84])
+        >>> check_age_domain(Toy())          # fine: nothing raised
+        >>> Toy.ages = torch.tensor([30, 17])
+        >>> Toy.location = lambda self, i: f"row {i}"
+        >>> check_age_domain(Toy())
+        Traceback (most recent call last):
+        ...
+        ValueError: --domain age needs ages in [18, 85) (the five ELIM-Age groups); train split, row 1: got age 17
+    """
+    low, high = AGE_GROUP_EDGES[0], AGE_GROUP_EDGES[-1]
+    ages = getattr(dataset, "ages", None)
+    if ages is None:
+        raise ValueError(
+            f"--domain age needs an age for every image; the {split} split has none "
+            "(give --age-file, or an ages.csv beside the CSV data)"
+        )
+    bad = ((ages < low) | (ages >= high)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        where = dataset.location(i) if hasattr(dataset, "location") else f"image {i}"
+        raise ValueError(
+            f"--domain age needs ages in [{low}, {high}) (the five ELIM-Age groups); "
+            f"{split} split, {where}: got age {int(ages[i])}"
+            + (f" ({len(bad)} images out of range)" if len(bad) > 1 else "")
+        )
 
 
 def preload(
@@ -453,7 +550,9 @@ def _elim_loss(model: ELIMModel, z, labels, domains, step, cfg, match_cfg, gener
     up describing normalised features; see RESULTS.md.)
     """
     ramp = warmup_ramp(step, cfg.ramp_start, cfg.ramp_end)
-    matched = elim_matching_step(z, labels, domains, match_cfg, generator)
+    # ELIM-Attention: the module's weights replace the OT shift, for all targets at once.
+    attention = model.attention if cfg.method == "elim-attention" else None
+    matched = elim_matching_step(z, labels, domains, match_cfg, generator, attention=attention)
     if matched is None:
         return None, {"n_domains": 0.0, "shift_mean": 0.0}
     with frozen_bn_stats(model.projector, cfg.elim_bn_stats == "freeze"):
@@ -510,7 +609,9 @@ def train_step(
         and ``grad_norm`` (encoder, before clipping).
     """
     core: ELIMModel = getattr(model, "module", model)
-    use_elim = cfg.method == "elim" and warmup_ramp(step, cfg.ramp_start, cfg.ramp_end) > 0
+    use_elim = (
+        cfg.method in MATCHING_METHODS and warmup_ramp(step, cfg.ramp_start, cfg.ramp_end) > 0
+    )
     record = {"loss_main": 0.0, "loss_elim": 0.0, "ramp": 0.0}
     if use_elim:
         record["ramp"] = warmup_ramp(step, cfg.ramp_start, cfg.ramp_end)
@@ -674,6 +775,27 @@ def truncate_jsonl(path: str | Path, max_step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _too_few_domains(cfg: TrainConfig, kind: str, available: int, world_size: int) -> str:
+    """The command-line fix for batches that need more domains than the data has."""
+    per_step = cfg.batch_size // cfg.samples_per_identity
+    fits = [
+        k
+        for k in range(1, cfg.batch_size + 1)
+        if cfg.batch_size % k == 0 and 2 <= cfg.batch_size // k <= available // world_size
+    ]
+    hint = (
+        f"use --samples-per-identity {fits[0]} ({cfg.batch_size // fits[0]} domains x "
+        f"{fits[0]} images)"
+        if fits
+        else "use fewer processes or a dataset with more domains"
+    )
+    return (
+        f"the training data has {available} domains ({kind}), but --batch-size "
+        f"{cfg.batch_size} / --samples-per-identity {cfg.samples_per_identity} = {per_step} "
+        f"domains per step x {world_size} process(es) need {per_step * world_size}; {hint}"
+    )
+
+
 def make_sampler(dataset, cfg: TrainConfig, rank: int, world_size: int):
     """The P x K identity-aware sampler of ``dataset`` for this rank.
 
@@ -681,6 +803,9 @@ def make_sampler(dataset, cfg: TrainConfig, rank: int, world_size: int):
     ages) gets ``K = 1``: plain random batches, which only the baseline can use.
     """
     k = cfg.samples_per_identity if dataset.domain_kind != "image" else 1
+    available = len(set(np.asarray(dataset.identities).tolist()))
+    if dataset.domain_kind != "image" and (cfg.batch_size // k) * world_size > available:
+        raise ValueError(_too_few_domains(cfg, dataset.domain_kind, available, world_size))
     return DistributedIdentityBatchSampler(
         dataset.identities,
         cfg.batch_size // k,
