@@ -1,11 +1,21 @@
 """Baseline against ELIM over several seeds; writes a Markdown table of mean ± std.
 
     python examples/elim/reproduce.py                       # 3 seeds x {baseline, elim}
+    python examples/elim/reproduce.py --jobs 2 --methods baseline elim elim-attention elim-age
+                                                            # appendix Tables 1 and 2
     python examples/elim/reproduce.py --seeds 0 1 -- --max-steps 50 --backbone resnet18
     python examples/elim/reproduce.py --jobs 2 --variant "elim (released BN)" \
         "--method elim --elim-bn-stats update"             # an extra column, 2 runs at a time
 
-Each run is ``train.py --method M --seed S --out OUT/M-seedS`` plus the shared
+``--methods`` names are presets (:data:`PRESETS`): ``baseline``, ``elim``
+(ELIM-Sinkhorn), ``elim-attention`` (appendix §4.3) and ``elim-age`` (§4.4: ``--method
+elim --domain age --samples-per-identity 8``: the five age groups are the domains, so a
+batch of 32 is 4 groups x 8 images instead of 8 identities x 4); any other name ``M``
+runs ``--method M``. With more than one column, a compact table in the layout of the
+appendix's Tables 1 and 2 (one row per method: RMSE and CCC of valence and arousal) comes
+first, then the full table (+ SAGR, PCC) as columns.
+
+Each run is ``train.py ARGS --seed S --out OUT/M-seedS`` plus the shared
 arguments (``--train-args``, default ``--threads 1``, then anything after ``--``), in a
 fresh process. Every method sees the same seeds, hence the same initial weights,
 batches and augmentation; only the method differs. The table (held-out metrics, mean ±
@@ -32,6 +42,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 METRICS = ("rmse", "sagr", "pcc", "ccc")
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseline": ("baseline", ("--method", "baseline")),
+    "elim": ("ELIM-Sinkhorn", ("--method", "elim")),
+    "elim-attention": ("ELIM-Attention", ("--method", "elim-attention")),
+    # 5 age groups cannot fill P = 8 domains per batch; K = 8 keeps the batch at 32.
+    "elim-age": (
+        "ELIM-Age",
+        ("--method", "elim", "--domain", "age", "--samples-per-identity", "8"),
+    ),
+    # Control for ELIM-Age: its batches (4 age groups x 8 images), no ELIM loss.
+    "baseline-age": (
+        "baseline (age batches)",
+        ("--method", "baseline", "--domain", "age", "--samples-per-identity", "8"),
+    ),
+}
+"""``--methods`` name -> (display name, train.py arguments)."""
 DEFAULT_TRAIN_ARGS = ("--threads", "1")
 """Every run is train.py's default run (same budget), pinned to one thread so that the
 numbers do not depend on how busy the machine was (the thread count changes the
@@ -86,6 +112,38 @@ def results_table(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def method_rows_table(
+    runs: dict[str, list[dict[str, float]]], names: dict[str, str] | None = None
+) -> str:
+    """The appendix's Table 1/2 layout: one row per method, RMSE and CCC of V and A.
+
+    Args:
+        runs: ``{method: [metrics of each seed]}``.
+        names: display name of each method (default: the key itself).
+
+    Example:
+        >>> m = {f"{k}_{a}": 0.5 for k in METRICS for a in "va"}
+        >>> print(method_rows_table({"elim": [m, m]}, {"elim": "ELIM-Sinkhorn"}).splitlines()[2])
+        | ELIM-Sinkhorn | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 |
+    """
+    names = names or {}
+    columns = (("rmse_v", "RMSE (V)"), ("ccc_v", "CCC (V)"), ("rmse_a", "RMSE (A)"))
+    columns += (("ccc_a", "CCC (A)"),)
+    lines = [
+        "| method | " + " | ".join(c for _, c in columns) + " | mean CCC |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for method, records in runs.items():
+        cells = []
+        for key, _ in columns:
+            m, s = mean_std([r[key] for r in records])
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        m, s = mean_std([mean_ccc(r) for r in records])
+        cells.append(f"{m:.3f} ± {s:.3f}")
+        lines.append(f"| {names.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def per_seed_table(runs: dict[str, list[dict[str, float]]], seeds: list[int], times) -> str:
     """Mean CCC and wall time of every run."""
     methods = list(runs)
@@ -108,6 +166,31 @@ def write_block(path: Path, block: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + new + "\n"
     path.write_text(text)
+
+
+RUN_CONTROL = ("out", "progress", "plots", "threads", "resume", "workers", "cache")
+"""Config fields that do not change a run's results (ignored by ``--reuse``)."""
+
+
+def reusable(run_dir: Path, cmd: list[str]) -> float | None:
+    """Wall time of a finished run in ``run_dir`` made with the same settings as ``cmd``
+    (a ``train.py`` command line), else ``None``.
+
+    "Same settings" = every config field equal except :data:`RUN_CONTROL`, so a run
+    is only reused when rerunning it would repeat the same experiment.
+    """
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from elim.config import parse_args
+
+    metrics, info = run_dir / "metrics.json", run_dir / "run.json"
+    if not (metrics.is_file() and info.is_file()):
+        return None
+    saved = json.loads(info.read_text())
+    wanted = parse_args(cmd[2:])[0].to_dict()
+    if any(saved["config"].get(k) != v for k, v in wanted.items() if k not in RUN_CONTROL):
+        return None
+    return float(saved["wall_seconds"])
 
 
 def _slug(label: str) -> str:
@@ -144,10 +227,17 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         "--jobs", type=int, default=1, help="runs at a time (each uses --threads threads)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip runs whose folder already holds a finished run with the same settings "
+        "(their time is taken from run.json)",
+    )
     args = parser.parse_args(argv)
     shared = shlex.split(args.train_args) + extra
     out = Path(args.out)
-    variants = [(m, ["--method", m]) for m in args.methods]
+    variants = [(m, list(PRESETS[m][1]) if m in PRESETS else ["--method", m]) for m in args.methods]
+    names = {m: PRESETS[m][0] for m in args.methods if m in PRESETS}
     variants += [(label, shlex.split(a)) for label, a in args.variant]
 
     jobs = []
@@ -163,7 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if args.dry_run:
         return runs
 
+    reused = 0
+
     def run(job) -> float:
+        nonlocal reused
+        if args.reuse and (seconds := reusable(job[2], job[3])) is not None:
+            reused += 1
+            return seconds
         t0 = time.perf_counter()
         subprocess.run(job[3], check=True, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
         return time.perf_counter() - t0
@@ -189,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         + "; ".join(f"{label} = `{shlex.join(a)}`" for label, a in variants)
         + ". Metrics on the held-out identities; mean ± sample std over seeds.",
         "",
-        results_table(runs),
-        "",
     ]
+    if len(runs) > 1:
+        lines += [method_rows_table(runs, names), "", "All metrics:", ""]
+    lines += [results_table(runs), ""]
     if "baseline" in runs and "elim" in runs:
         diffs = [mean_ccc(e) - mean_ccc(b) for b, e in zip(runs["baseline"], runs["elim"])]
         m, s = mean_std(diffs)
@@ -201,17 +298,41 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             f"in {wins} of {len(diffs)} seeds; target: +0.050).",
             "",
         ]
+    others = [m for m in runs if m not in ("baseline", "elim", "baseline-age")]
+    for other in others if "baseline" in runs else []:
+        diffs = [mean_ccc(e) - mean_ccc(b) for b, e in zip(runs["baseline"], runs[other])]
+        m, s = mean_std(diffs)
+        lines += [
+            f"{names.get(other, other)} − baseline, mean CCC: **{m:+.3f} ± {s:.3f}** (paired "
+            f"by seed; ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds).",
+            "",
+        ]
     load = (
         f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other jobs "
         "share the machine, so times are upper bounds)"
         if load_before and load_after
         else ""
     )
+    if "elim-age" in runs and "baseline-age" in runs:
+        # The fair comparison for ELIM-Age: the same age-group batches, without ELIM.
+        diffs = [mean_ccc(e) - mean_ccc(b) for b, e in zip(runs["baseline-age"], runs["elim-age"])]
+        m, s = mean_std(diffs)
+        lines += [
+            f"ELIM-Age − baseline (age batches), mean CCC: **{m:+.3f} ± {s:.3f}** (paired by "
+            f"seed, same batches; ahead in {sum(d > 0 for d in diffs)} of {len(diffs)} seeds).",
+            "",
+        ]
     lines += [
         per_seed_table(runs, args.seeds, times),
         "",
-        f"Runtime: {total / 60:.1f} min for {sum(map(len, runs.values()))} runs on "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} at a time{load}.",
+        f"Runtime: {total / 60:.1f} min for {sum(map(len, runs.values())) - reused} runs on "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} at a time{load}"
+        + (
+            f"; {reused} finished runs with the same settings reused (--reuse; their times "
+            "are from their run.json)."
+            if reused
+            else "."
+        ),
     ]
     block = "\n".join(lines)
     print(block)

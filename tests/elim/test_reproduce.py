@@ -95,3 +95,51 @@ def test_end_to_end_on_tiny_data(reproduce, tmp_path, monkeypatch):
     assert "ELIM − baseline, mean CCC:" in text
     assert "--config" in text  # the exact command is recorded
     assert (tmp_path / "runs" / "elim-scalar-seed0" / "metrics.json").is_file()
+
+
+def test_method_rows_table_has_one_row_per_method(reproduce):
+    runs = {"baseline": [_metrics(0.1), _metrics(0.3)], "elim-age": [_metrics(0.4)]}
+    lines = reproduce.method_rows_table(runs, {"elim-age": "ELIM-Age"}).splitlines()
+    assert lines[0] == "| method | RMSE (V) | CCC (V) | RMSE (A) | CCC (A) | mean CCC |"
+    assert lines[2] == "| baseline | " + " | ".join(["0.200 ± 0.141"] * 5) + " |"
+    assert lines[3].startswith("| ELIM-Age | 0.400 ± 0.000 |")
+    assert len(lines) == 4
+
+
+def test_presets_give_the_table_columns_their_train_arguments(reproduce, tmp_path, capsys):
+    methods = ["baseline", "elim", "elim-attention", "elim-age", "baseline-age"]
+    reproduce.main(["--dry-run", "--seeds", "0", "--out", str(tmp_path), "--methods", *methods])
+    commands = [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
+    assert len(commands) == 5
+    assert "--method elim-attention --seed 0" in commands[2]
+    assert "--method elim --domain age --samples-per-identity 8 --seed 0" in commands[3]
+    assert "--method baseline --domain age --samples-per-identity 8" in commands[4]
+    assert str(tmp_path / "elim-age-seed0") in commands[3]
+
+
+def test_attention_column_and_reuse_of_finished_runs(reproduce, tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run(cmd, check, stdout=None):
+        commands.append(cmd)
+        run_train(cmd[2:])
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    cfg = write_config(
+        tmp_path / "cfg.json", tiny_config(tmp_path / "data", backbone="resnet18", max_steps=1)
+    )
+    results = tmp_path / "RESULTS.md"
+    args = ["--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(results)]
+    args += ["--methods", "baseline", "elim-attention", "--train-args", "--plots false"]
+    first = reproduce.main([*args, "--", "--config", str(cfg)])
+    assert len(commands) == 2 and set(first) == {"baseline", "elim-attention"}
+    text = results.read_text()
+    assert "| method | RMSE (V) | CCC (V) | RMSE (A) | CCC (A) | mean CCC |" in text
+    assert "| ELIM-Attention | " in text and "ELIM-Attention − baseline, mean CCC:" in text
+    # Same settings: nothing is rerun and the metrics are the same.
+    again = reproduce.main([*args, "--reuse", "--", "--config", str(cfg)])
+    assert len(commands) == 2 and again == first
+    assert "2 finished runs with the same settings reused" in results.read_text()
+    # A changed setting is a different experiment: it runs again.
+    reproduce.main([*args, "--reuse", "--", "--config", str(cfg), "--lr", "0.002"])
+    assert len(commands) == 4
