@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METRIC_NAMES", "format_results_table", "plot_training_curves", "plot_va_scatter"]
+__all__ = [
+    "METRIC_NAMES",
+    "format_results_table",
+    "plot_identity_shift",
+    "plot_method_curves",
+    "plot_training_curves",
+    "plot_tsne",
+    "plot_va_scatter",
+]
 
 METRIC_NAMES = ("rmse", "sagr", "pcc", "ccc")
 
@@ -140,5 +148,202 @@ def plot_training_curves(
         fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tsne(
+    panels: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """Side-by-side 2-D embeddings coloured by valence, one marker per identity.
+
+    Args:
+        panels: ``{panel title: (embedding (N, 2), valence (N,), identity (N,))}``.
+        path: output ``.png``.
+        title: figure title.
+        dpi: resolution (100 keeps the committed PNGs small).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> e, v, i = np.zeros((4, 2)), np.linspace(-1, 1, 4), np.array([0, 0, 1, 1])
+        >>> plot_tsne({"a": (e, v, i)}, tempfile.mktemp(suffix=".png")).suffix
+        '.png'
+    """
+    plt = _pyplot()
+    markers = "osD^vP*Xh<>p"
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 4.4), constrained_layout=True, squeeze=False
+    )
+    scatter = None
+    for ax, (name, (emb, valence, ids)) in zip(axes[0], panels.items()):
+        emb, valence, ids = np.asarray(emb), np.asarray(valence), np.asarray(ids)
+        for k, identity in enumerate(np.unique(ids)):
+            rows = ids == identity
+            scatter = ax.scatter(
+                emb[rows, 0],
+                emb[rows, 1],
+                c=valence[rows],
+                cmap="coolwarm",
+                vmin=-1,
+                vmax=1,
+                s=14,
+                marker=markers[k % len(markers)],
+                edgecolors="none",
+            )
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if scatter is not None:
+        fig.colorbar(scatter, ax=list(axes[0]), label="true valence", shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_identity_shift(
+    pairs: Sequence[tuple[int, int]],
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    path: str | Path,
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """Appendix Fig. 1: per pair, the two faces and every method's VA predictions.
+
+    Each row is one pair of images of different people with similar labels: the two
+    faces, then the valence-arousal plane with the true labels (stars) and each
+    method's predictions (one colour per method, circle = left face, square = right
+    face, joined by a line: the longer the line, the more the prediction moved with the
+    identity alone).
+
+    Args:
+        pairs: ``[(i, j), ...]`` row indices (see :func:`elim.analysis.shift_pairs`).
+        images: ``(N, 3, S, S)`` uint8 or ``(N, S, S, 3)`` images.
+        labels: ``(N, 2)`` true valence, arousal.
+        predictions: ``{method: (N, 2) predictions}``.
+        path: output ``.png``.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 3:
+        images = images.transpose(0, 2, 3, 1)
+    labels = np.asarray(labels, dtype=float)
+    fig, axes = plt.subplots(
+        len(pairs),
+        3,
+        figsize=(8.4, 2.9 * len(pairs)),
+        gridspec_kw={"width_ratios": [1, 1, 1.5]},
+        constrained_layout=True,
+        squeeze=False,
+    )
+    for row, (i, j) in enumerate(pairs):
+        for col, k in enumerate((i, j)):
+            ax = axes[row, col]
+            ax.imshow(images[k])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"V {labels[k, 0]:+.2f}, A {labels[k, 1]:+.2f}", fontsize=9)
+        ax = axes[row, 2]
+        ax.scatter(*labels[[i, j]].T, marker="*", s=140, c="k", label="true", zorder=3)
+        for n, (method, pred) in enumerate(predictions.items()):
+            pred = np.asarray(pred, dtype=float)
+            colour = f"C{n}"
+            ax.plot(*pred[[i, j]].T, color=colour, lw=1)
+            ax.scatter(*pred[i], marker="o", color=colour, s=40, label=method)
+            ax.scatter(*pred[j], marker="s", color=colour, s=40)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlim(-1, 1)
+        ax.set_ylim(-1, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("valence", fontsize=9)
+        ax.set_ylabel("arousal", fontsize=9)
+        if row == 0:
+            ax.legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_method_curves(
+    logs: Mapping[str, Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]]],
+    path: str | Path,
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """Training curves of several methods: smoothed main loss, ELIM loss, held-out CCC.
+
+    Curves are averaged over the runs (seeds) of a method; the held-out panel shows the
+    mean CCC ``(CCC_v + CCC_a) / 2`` at every evaluation, with the seed range shaded.
+
+    Args:
+        logs: ``{method: [(train_log records, eval_log records) per run]}``.
+        path: output ``.png``.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> run = ([{"step": s, "loss_main": 1.0 / s, "loss_elim": 0.0} for s in (1, 2)],
+        ...        [{"step": 2, "ccc_v": 0.1, "ccc_a": 0.3}])
+        >>> plot_method_curves({"baseline": [run]}, tempfile.mktemp(suffix=".png")).suffix
+        '.png'
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for n, (method, runs) in enumerate(logs.items()):
+        colour = f"C{n}"
+        for ax, key in zip(axes[:2], ("loss_main", "loss_elim")):
+            length = min(len(t) for t, _ in runs)
+            if length == 0:
+                continue
+            values = np.mean([[r.get(key, 0.0) for r in t[:length]] for t, _ in runs], axis=0)
+            if not values.any():
+                continue
+            ax.plot(
+                [r["step"] for r in runs[0][0][:length]],
+                _smooth(values),
+                color=colour,
+                label=method,
+            )
+        length = min(len(e) for _, e in runs)
+        if length:
+            steps = [r["step"] for r in runs[0][1][:length]]
+            ccc = np.array([[(r["ccc_v"] + r["ccc_a"]) / 2 for r in e[:length]] for _, e in runs])
+            axes[2].plot(steps, ccc.mean(0), marker="o", color=colour, label=method)
+            axes[2].fill_between(steps, ccc.min(0), ccc.max(0), color=colour, alpha=0.15)
+    for ax, name in zip(
+        axes, ("main loss (smoothed)", "ELIM loss, weighted (smoothed)", "held-out mean CCC")
+    ):
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
