@@ -29,6 +29,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, title: str, dpi: int) -> Path:
+    """Title (if any), write ``path`` as PNG, free the figure; returns ``Path(path)``."""
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def format_results_table(metrics: Mapping[str, float], title: str = "held-out identities") -> str:
     """A fixed-width table of RMSE, SAGR, PCC and CCC for valence and arousal.
 
@@ -86,12 +96,7 @@ def plot_va_scatter(pred: np.ndarray, true: np.ndarray, path: str | Path, title:
             f"RMSE {rmse(pred[:, col], true[:, col]):.3f}"
         )
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=110)
 
 
 def _smooth(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
@@ -144,12 +149,7 @@ def plot_training_curves(
     ax_eval.set_ylabel("CCC")
     ax_eval.set_title("held-out identities")
     ax_eval.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=110)
 
 
 def plot_tsne(
@@ -201,12 +201,7 @@ def plot_tsne(
         ax.set_yticks([])
     if scatter is not None:
         fig.colorbar(scatter, ax=list(axes[0]), label="true valence", shrink=0.8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=dpi)
 
 
 def plot_identity_shift(
@@ -275,12 +270,7 @@ def plot_identity_shift(
         ax.set_ylabel("arousal", fontsize=9)
         if row == 0:
             ax.legend(fontsize=7, loc="lower left")
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=dpi)
 
 
 def plot_method_curves(
@@ -341,9 +331,4 @@ def plot_method_curves(
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=dpi)
