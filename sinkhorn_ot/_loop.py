@@ -39,6 +39,39 @@ def eps_schedule(
     return eps0, steps
 
 
+def eps_table(eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None) -> torch.Tensor:
+    """The eps of every iteration, ``(B, S)``: iteration ``t`` uses column ``min(t, S - 1)``.
+
+    The one schedule every backend runs (the native ops take this table, see
+    ``csrc/loop_rules.h``). Without annealing ``S = 1`` and the table is ``eps``. With
+    ``eps_scaling = s``, column ``t < S - 1`` is ``max(eps, eps0 * s**t)`` with ``eps0 =
+    max(scale, eps)`` (the cost scale ``max |C_ij|`` of each problem), and the last column
+    is ``eps``; problems may stop only once they reach it.
+
+    Args:
+        eps: ``(B,)`` target regularisation.
+        scale: ``(B,)`` cost scale, ``max |C_ij|`` per problem (only read when annealing).
+        eps_scaling: ``None`` or a factor in (0, 1).
+
+    Returns:
+        ``(B, S)`` in the dtype of ``eps``.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot._loop import eps_table
+        >>> eps_table(torch.tensor([0.25]), torch.tensor([1.0]), 0.5).tolist()
+        [[1.0, 0.5, 0.25]]
+    """
+    eps = eps.detach()
+    if eps_scaling is None:
+        return eps.unsqueeze(-1)
+    eps0 = torch.maximum(scale.detach().to(eps.dtype), eps)
+    ratio = (eps0 / eps).double().log().max().item()
+    steps = int(torch.tensor(ratio / -torch.tensor(eps_scaling).log().item()).ceil().item())
+    columns = [torch.maximum(eps, eps0 * eps_scaling**t) for t in range(steps)]
+    return torch.stack([*columns, eps], dim=-1)
+
+
 def solve_potentials(
     C: torch.Tensor,
     a: torch.Tensor,
