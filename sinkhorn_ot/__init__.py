@@ -11,15 +11,21 @@ Example:
 from ._loop import KernelUnderflowError
 from .costs import cosine, euclidean, sqeuclidean
 from .exact import EMDResult, emd
+from .geometry import DenseCost, Geometry, PointCloud
 from .padding import pad_batch
+from .plan import LazyPlan
 from .result import SinkhornResult
 from .solver import SinkhornConvergenceWarning, sinkhorn
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseCost",
     "EMDResult",
+    "Geometry",
     "KernelUnderflowError",
+    "LazyPlan",
+    "PointCloud",
     "SinkhornConvergenceWarning",
     "SinkhornResult",
     "cosine",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._updates import STEPS, row_violation, safe_log
+from ._updates import row_violation, safe_log
 
 
 class KernelUnderflowError(FloatingPointError):
@@ -62,11 +62,11 @@ def eps_table(eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None)
         >>> eps_table(torch.tensor([0.25]), torch.tensor([1.0]), 0.5).tolist()
         [[1.0, 0.5, 0.25]]
     """
-    eps = eps.detach()
     if eps_scaling is None:
         return eps.unsqueeze(-1)
-    eps0 = torch.maximum(scale.detach().to(eps.dtype), eps)
-    ratio = (eps0 / eps).double().log().max().item()
+    # eps keeps its autograd graph (grad="unroll" differentiates through the schedule).
+    eps0 = torch.maximum(scale.detach().to(eps.dtype), eps.detach())
+    ratio = (eps0 / eps.detach()).double().log().max().item()
     steps = int(torch.tensor(ratio / -torch.tensor(eps_scaling).log().item()).ceil().item())
     columns = [torch.maximum(eps, eps0 * eps_scaling**t) for t in range(steps)]
     return torch.stack([*columns, eps], dim=-1)
@@ -84,7 +84,9 @@ def solve_potentials(
     method: str,
     eps_scaling: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run Sinkhorn iterations from ``f0``.
+    """Run Sinkhorn iterations from ``f0`` on a dense cost (the oracle of the tests).
+
+    :func:`solve` on ``DenseCost(C)`` with the schedule of :func:`eps_table`.
 
     Args:
         C: cost ``(B, N, M)``.
@@ -95,7 +97,53 @@ def solve_potentials(
         tol: stop a problem once its relative L1 marginal violation is ``<= tol``;
             ``None`` runs exactly ``max_iter`` iterations.
         method: ``"log"`` or ``"kernel"``.
-        eps_scaling: optional annealing factor in (0, 1), see :func:`eps_schedule`.
+        eps_scaling: optional annealing factor in (0, 1), see :func:`eps_table`.
+
+    Returns:
+        ``f (B, N)``, ``g (B, M)``, ``n_iter (B,)`` int64, ``err (B,)`` float64, as
+        :func:`solve`.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot._loop import solve_potentials
+        >>> C = torch.rand(2, 3, 4, dtype=torch.float64)
+        >>> a, b = torch.full((2, 3), 1 / 3, dtype=torch.float64), torch.full((2, 4), 0.25, dtype=torch.float64)
+        >>> f, g, n_iter, err = solve_potentials(
+        ...     C, a, b, torch.full((2,), 0.1, dtype=torch.float64), torch.zeros_like(a),
+        ...     max_iter=500, tol=1e-9, method="log")
+        >>> bool((err <= 1e-9).all())
+        True
+    """
+    from .geometry import DenseCost
+
+    geometry = DenseCost(C)
+    table = eps_table(eps, geometry.scale() if eps_scaling is not None else eps, eps_scaling)
+    return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
+
+
+def solve(
+    geometry,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    f0: torch.Tensor,
+    table: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run Sinkhorn iterations from ``f0`` on any geometry: the torch backend's loop.
+
+    Args:
+        geometry: the cost (:mod:`sinkhorn_ot.geometry`), batched ``(B, N, M)``.
+        a, b: weights ``(B, N)``, ``(B, M)`` with equal masses; zeros mark padding.
+        f0: ``(B, N)`` initial row potential.
+        table: ``(B, S)`` eps of every iteration (:func:`eps_table`): iteration ``t``
+            uses column ``min(t, S - 1)``, and problems may stop only from ``S - 1`` on.
+        max_iter: number of (row, column) update pairs at most.
+        tol: stop a problem once its relative L1 marginal violation is ``<= tol``;
+            ``None`` runs exactly ``max_iter`` iterations.
+        method: ``"log"`` or ``"kernel"``.
 
     Returns:
         ``f (B, N)``, ``g (B, M)``, ``n_iter (B,)`` int64, ``err (B,)`` float64: the
@@ -104,28 +152,39 @@ def solve_potentials(
 
     Raises:
         KernelUnderflowError: a kernel-form potential became non-finite.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import PointCloud
+        >>> from sinkhorn_ot._loop import solve
+        >>> a, b = torch.full((1, 5), 0.2), torch.full((1, 4), 0.25)
+        >>> f, g, n_iter, err = solve(PointCloud(torch.randn(1, 5, 2), torch.randn(1, 4, 2)),
+        ...     a, b, torch.zeros(1, 5), torch.ones(1, 1), max_iter=200, tol=1e-5, method="log")
+        >>> f.shape, g.shape, bool(err[0] <= 1e-5)
+        (torch.Size([1, 5]), torch.Size([1, 4]), True)
     """
-    batch = C.shape[0]
+    batch = geometry.shape[0]
+    device = f0.device
     log_a, log_b = safe_log(a), safe_log(b)
     mass = a.sum(-1, dtype=torch.float64)
-    eps_col = eps.unsqueeze(-1)  # (B, 1)
-    eps_start, anneal_steps = eps_schedule(eps, C, eps_scaling)
-    step_cls = STEPS[method]
+    last_column = table.shape[1] - 1
 
     def eps_at(t: int) -> torch.Tensor:
-        if t >= anneal_steps:
-            return eps_col
-        return torch.maximum(eps_col, eps_start.unsqueeze(-1) * eps_scaling**t)
+        return table[:, min(t, last_column)].unsqueeze(-1)  # (B, 1)
 
-    step = step_cls(C, log_a, log_b, eps_at(0))
+    def step_at(t: int):
+        make = geometry.log_step if method == "log" else geometry.kernel_step
+        return make(log_a, log_b, eps_at(t))
+
+    step = step_at(0)
     f = f0
     g = step.col(f)
-    n_iter = torch.zeros(batch, dtype=torch.int64, device=C.device)
-    err = torch.full((batch,), float("nan"), dtype=torch.float64, device=C.device)
-    active = torch.ones(batch, dtype=torch.bool, device=C.device)
+    n_iter = torch.zeros(batch, dtype=torch.int64, device=device)
+    err = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
     for t in range(max_iter + 1):
-        if 0 < t <= anneal_steps:
-            step = step_cls(C, log_a, log_b, eps_at(t))
+        if 0 < t <= last_column:
+            step = step_at(t)
         f_next = step.row(g)
         last = t == max_iter
         if tol is not None or last:
@@ -134,7 +193,7 @@ def solve_potentials(
                 if not bool(torch.isfinite(violation[active]).all()):
                     _raise_non_finite(method)
                 err = torch.where(active, violation, err)
-                if tol is not None and t >= anneal_steps:
+                if tol is not None and t >= last_column:
                     active = active & ~(violation <= tol)
             if last or not bool(active.any()):
                 break

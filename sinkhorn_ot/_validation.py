@@ -32,15 +32,18 @@ class Problem:
         b: column weights, ``(B, M)``.
         eps: regularisation, ``(B,)``.
         batched: whether the user passed a batch (outputs keep the batch dimension).
-        input_dtype: dtype the user passed ``C`` in.
+        input_dtype: dtype the user passed ``C`` (or the points) in.
+        geometry: the cost as a geometry in the compute dtype, batched (``DenseCost(C)``
+            for a tensor; then ``C`` is that tensor, else ``C`` is ``None``).
     """
 
-    C: torch.Tensor
+    C: torch.Tensor | None
     a: torch.Tensor
     b: torch.Tensor
     eps: torch.Tensor
     batched: bool
     input_dtype: torch.dtype
+    geometry: object = None
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -296,30 +299,57 @@ def check_init(
 def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     """Validate ``C, a, b, eps`` and return them batched, in the compute dtype.
 
-    ``None`` weights become uniform; if only one of ``a``/``b`` is given the other is
-    uniform with the same total mass.
+    ``C`` is a cost tensor or a geometry (:mod:`sinkhorn_ot.geometry`). ``None``
+    weights become uniform; if only one of ``a``/``b`` is given the other is uniform
+    with the same total mass.
     """
+    from .geometry import DenseCost, Geometry, PointCloud
+
     checks = ValueChecks()
-    C = check_cost(C, checks)
-    batched = C.dim() == 3
-    Cb = C if batched else C.unsqueeze(0)
-    batch, n, m = Cb.shape
-    a_b = check_weights("a", a, (batch, n), C, batched, checks)
-    b_b = check_weights("b", b, (batch, m), C, batched, checks)
-    dtype = compute_dtype(C.dtype)
-    Cb = Cb.to(dtype)
+    if isinstance(C, Geometry):
+        geometry = C
+        if isinstance(geometry, DenseCost):
+            ref = check_cost(geometry.C, checks)
+        else:
+            ref = _check_points(geometry, checks)
+    else:
+        ref = check_cost(C, checks)
+        geometry = None
+    batched = geometry.batched if geometry is not None else ref.dim() == 3
+    batch, n, m = geometry.shape if geometry is not None else (ref if batched else ref[None]).shape
+    a_b = check_weights("a", a, (batch, n), ref, batched, checks)
+    b_b = check_weights("b", b, (batch, m), ref, batched, checks)
+    dtype = compute_dtype(ref.dtype)
+    if isinstance(geometry, PointCloud):
+        geometry = geometry.with_points(geometry.x.to(dtype), geometry.y.to(dtype))
+        Cb = None
+    else:
+        Cb = (ref if batched else ref.unsqueeze(0)).to(dtype)
+        geometry = DenseCost(Cb)
     mass = None
     if a_b is not None:
         mass = a_b.to(dtype).sum(-1, keepdim=True)
     elif b_b is not None:
         mass = b_b.to(dtype).sum(-1, keepdim=True)
     if mass is None:
-        mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
+        mass = torch.ones(batch, 1, dtype=dtype, device=ref.device)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
     a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else (mass / n).expand(batch, n)
     b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else (mass / m).expand(batch, m)
     weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
-    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype), checks)
-    eps_b = check_eps(eps, batch, batched, C, checks).to(dtype)
+    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, ref.dtype), checks)
+    eps_b = check_eps(eps, batch, batched, ref, checks).to(dtype)
     checks.run()
-    return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)
+    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry)
+
+
+def _check_points(geometry, checks: ValueChecks) -> torch.Tensor:
+    """Finite points; returns ``x``, the tensor the other checks compare against."""
+    for name, t in (("x", geometry.x), ("y", geometry.y)):
+
+        def not_finite(name=name, t=t) -> None:
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"`{name}` must be finite, got {n_bad} NaN or infinite entries")
+
+        checks.add(torch.isfinite(t).all(), not_finite)
+    return geometry.x

@@ -211,36 +211,63 @@ def _schur_dense(P, a_safe, b_safe, real_g, rhs):
 
 def _schur_cg(P, a_safe, b_safe, real_g, rhs):
     """Jacobi-preconditioned CG on ``S x = rhs`` with ``S x = b x - P^T (P x / a)``."""
+
+    def p_mv(x):  # (B, M) -> (B, N)
+        return torch.bmm(P, x.unsqueeze(-1)).squeeze(-1)
+
+    def p_rmv(y):  # (B, N) -> (B, M)
+        return torch.bmm(P.transpose(1, 2), y.unsqueeze(-1)).squeeze(-1)
+
+    return _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs)
+
+
+def _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs):
+    """CG on the Schur complement given only the products ``P x`` and ``P^T y``."""
     m = real_g.sum(-1, keepdim=True)
+    dtype = rhs.dtype
 
     def project(v):  # stay orthogonal to S's null vector
         return (v - real_g * ((v * real_g).sum(-1, keepdim=True) / m)) * real_g
 
     def matvec(x):
-        Px = torch.bmm(P, x.unsqueeze(-1)).squeeze(-1) / a_safe
-        return b_safe * x - torch.bmm(P.transpose(1, 2), Px.unsqueeze(-1)).squeeze(-1)
+        return b_safe * x - p_rmv(p_mv(x) / a_safe)
 
     r = project(rhs)
     x = torch.zeros_like(r)
     z = project(r / b_safe)
     p = z
     rz = (r * z).sum(-1, keepdim=True)
-    target = CG_RTOL.get(P.dtype, 1e-6) * r.norm(dim=-1, keepdim=True)
+    target = CG_RTOL.get(dtype, 1e-6) * r.norm(dim=-1, keepdim=True)
     for _ in range(CG_MAX_ITER):
         if bool((r.norm(dim=-1, keepdim=True) <= target).all()):
             break
         Sp = project(matvec(p))
-        alpha = rz / (p * Sp).sum(-1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+        alpha = rz / (p * Sp).sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         x = x + alpha * p
         r = r - alpha * Sp
         z = project(r / b_safe)
         rz_next = (r * z).sum(-1, keepdim=True)
-        p = z + (rz_next / rz.clamp_min(torch.finfo(P.dtype).tiny)) * p
+        p = z + (rz_next / rz.clamp_min(torch.finfo(dtype).tiny)) * p
         rz = rz_next
     return x
 
 
-def envelope_value(C, a, b, eps, f, g, plan, value, value_linear):
+def implicit_potentials(geometry, a, b, eps, f, g):
+    """``(f, g)`` with implicit-function gradients, for any geometry.
+
+    A dense cost uses the dense adjoint (:class:`ImplicitPotentials`); a point cloud
+    the matrix-free one (:class:`sinkhorn_ot.autograd_lazy.ImplicitPointPotentials`).
+    """
+    from .geometry import DenseCost
+
+    if isinstance(geometry, DenseCost):
+        return ImplicitPotentials.apply(geometry.C, a, b, eps, f, g)
+    from .autograd_lazy import ImplicitPointPotentials
+
+    return ImplicitPointPotentials.apply(geometry, a, b, eps, f, g, geometry.x, geometry.y)
+
+
+def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
     """``value`` with Danskin's gradients and no graph through the iterations.
 
     The regularised OT value ``V = min_P <C, P> + eps KL(P || a b^T)`` has
@@ -250,13 +277,24 @@ def envelope_value(C, a, b, eps, f, g, plan, value, value_linear):
     ``(f + c, g - c)`` cancels for perturbations that keep the masses equal, and the
     ``-eps / 2`` makes joint mass changes exact). All of ``f, g, plan, value`` are
     detached; each term below is zero in value and carries one partial derivative.
+    For a point cloud, ``dV/dC = P`` reaches the points through
+    :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan).
     """
+    from .geometry import DenseCost
+
+    if isinstance(geometry, DenseCost):
+        C = geometry.C
+        cost_term = (plan * (C - C.detach())).sum((1, 2))
+    else:
+        from .autograd_lazy import PlanCostPairing
+
+        cost_term = PlanCostPairing.apply(plan, geometry.x, geometry.y)
     e = eps.detach().unsqueeze(-1)
     kl = (value - value_linear) / eps.detach()
     return (
         value
         + ((f - e / 2) * (a - a.detach())).sum(-1)
         + ((g - e / 2) * (b - b.detach())).sum(-1)
-        + (plan * (C - C.detach())).sum((1, 2))
+        + cost_term
         + kl * (eps - eps.detach())
     )

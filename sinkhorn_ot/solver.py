@@ -9,9 +9,11 @@ import torch
 
 from . import _validation as v
 from . import native
-from ._loop import KernelUnderflowError, solve_potentials
+from ._loop import KernelUnderflowError, eps_table, solve
 from ._updates import log_plan, safe_log
-from .autograd import ImplicitPotentials, envelope_value
+from .autograd import envelope_value, implicit_potentials
+from .geometry import DenseCost, Geometry
+from .plan import LazyPlan
 from .result import SinkhornResult
 
 
@@ -27,7 +29,7 @@ _DEFAULT_TOL = 1e-5
 
 
 def sinkhorn(
-    C: torch.Tensor,
+    C: torch.Tensor | Geometry,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
@@ -101,37 +103,44 @@ def sinkhorn(
     tol = v.check_tol(tol)
     eps_scaling = v.check_eps_scaling(eps_scaling)
     problem = v.check_problem(C, a, b, eps)
-    Cb, ab, bb, eps_b = problem.C, problem.a, problem.b, problem.eps
-    batch, n, m = Cb.shape
-    f0 = v.check_init(init, batch, n, m, problem.batched, Cb)
+    ab, bb, eps_b = problem.a, problem.b, problem.eps
+    geometry = problem.geometry
+    batch, n, m = geometry.shape
+    f0 = v.check_init(init, batch, n, m, problem.batched, ab)
     if f0 is None:
         f0 = _default_init(ab, eps_b)
     else:
-        f0 = f0.to(Cb.dtype)
+        f0 = f0.to(ab.dtype)
 
-    Cb = _mask_padding_gradient(Cb, ab, bb)
-    backend_used = _select_backend(backend, Cb, grad)
-    methods = _candidate_methods(method, Cb, eps_b)
+    if isinstance(geometry, DenseCost):
+        geometry = DenseCost(_mask_padding_gradient(geometry.C, ab, bb))
+    elif grad == "unroll":
+        geometry = geometry.without_padding_gradient(ab, bb)
+    backend_used = _select_backend(backend, geometry, grad)
+    methods = _candidate_methods(method, geometry, eps_b)
+    scale = geometry.scale() if eps_scaling is not None else eps_b
+    table = eps_table(eps_b, scale, eps_scaling)  # (B, S)
     # Only "unroll" records the iterations; the other modes attach gradients afterwards.
     context = torch.enable_grad() if grad == "unroll" else torch.no_grad()
     with context:
         for i, method_used in enumerate(methods):
             try:
                 f, g, n_iter, err = _run(
-                    backend_used, Cb, ab, bb, eps_b, f0, max_iter, tol, method_used, eps_scaling
+                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used
                 )
                 break
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
     if grad == "implicit":
-        f, g = ImplicitPotentials.apply(Cb, ab, bb, eps_b, f, g)
-    parts = (Cb, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+        f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g)
+    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
     if grad == "envelope":
         with torch.no_grad():
             result = _build_result(*parts)
         value = envelope_value(
-            Cb, ab, bb, eps_b, result.f, result.g, result.plan, result.value, result.value_linear
+            geometry, ab, bb, eps_b, result.f, result.g, result.plan, result.value,
+            result.value_linear,
         )
         result = dataclasses.replace(result, value=value)
     elif grad == "none":
@@ -167,10 +176,10 @@ def _mask_padding_gradient(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     return torch.where(padded, C.detach(), C) if bool(padded.any()) else C
 
 
-def _select_backend(backend: str, C: torch.Tensor, grad: str) -> str:
+def _select_backend(backend: str, geometry, grad: str) -> str:
     if backend == "torch":
         return "torch"
-    ok, reason = native.availability(C.device, C.dtype)
+    ok, reason = native.availability(geometry.device, geometry.dtype)
     if backend == "native":
         if not ok:
             raise RuntimeError(f"backend='native' is not available: {reason}")
@@ -183,38 +192,48 @@ def _select_backend(backend: str, C: torch.Tensor, grad: str) -> str:
     return "native" if ok and grad != "unroll" else "torch"
 
 
-def _candidate_methods(method: str, C: torch.Tensor, eps: torch.Tensor) -> tuple[str, ...]:
+def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, ...]:
     if method != "auto":
         return (method,)
-    scale = (C.detach().abs().amax(dim=(1, 2)) / eps.detach()).max().item()
-    if scale <= KERNEL_SAFE_RANGE.get(C.dtype, 50.0):
+    scale = (geometry.scale() / eps.detach()).max().item()
+    if scale <= KERNEL_SAFE_RANGE.get(geometry.dtype, 50.0):
         return ("kernel", "log")
     return ("log",)
 
 
-def _run(backend, C, a, b, eps, f0, max_iter, tol, method, eps_scaling):
-    solve = native.solve_potentials if backend == "native" else solve_potentials
-    return solve(
-        C, a, b, eps, f0, max_iter=max_iter, tol=tol, method=method, eps_scaling=eps_scaling
-    )
+def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
+    if backend == "native":
+        # TEMPORARY until the ops module lands: the old dense wrapper.
+        raise NotImplementedError("native backend being rewired")
+    return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
 
 
-def _build_result(C, a, b, eps, f, g, n_iter, err, tol, method, backend) -> SinkhornResult:
+def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) -> SinkhornResult:
     mass = a.sum(-1)  # (B,)
     # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
     shift = ((g * b).sum(-1) - (f * a).sum(-1)) / (2 * mass)  # (B,)
     f = f + shift.unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
-    plan = log_plan(C, safe_log(a), safe_log(b), f, g, eps.unsqueeze(-1))
     value = (f * a).sum(-1) + (g * b).sum(-1)
-    value_linear = (C * plan).sum(dim=(1, 2))
+    if isinstance(geometry, DenseCost):
+        C = geometry.C
+        plan = log_plan(C, safe_log(a), safe_log(b), f, g, eps.unsqueeze(-1))
+        value_linear = (C * plan).sum(dim=(1, 2))
+    else:
+        plan = LazyPlan(geometry, f, g, a, b, eps)
+        value_linear = plan.linear_value()
     converged = err <= (tol if tol is not None else _DEFAULT_TOL)
     return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
 
 
 def _unbatch(r: SinkhornResult) -> SinkhornResult:
+    plan = r.plan
+    if isinstance(plan, LazyPlan):
+        plan = LazyPlan(plan.geometry, plan.f, plan.g, plan.a, plan.b, plan.eps, batched=False)
+    else:
+        plan = plan[0]
     return SinkhornResult(
-        r.plan[0],
+        plan,
         r.f[0],
         r.g[0],
         r.value[0],
