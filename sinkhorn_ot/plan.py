@@ -62,7 +62,7 @@ class LazyPlan:
         return self.f.device
 
     @property
-    def T(self) -> LazyPlan:  # noqa: N802 (the name of torch's transpose)
+    def T(self) -> LazyPlan:
         """The transposed plan ``(B, M, N)``."""
         return LazyPlan(
             self.geometry,
