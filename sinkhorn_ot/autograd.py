@@ -41,6 +41,17 @@ DENSE_MAX = 512
 CG_RTOL = {torch.float64: 1e-11, torch.float32: 1e-6}
 CG_MAX_ITER = 2000
 
+_NON_FINITE_ADJOINT = (
+    "grad='implicit' met a non-finite plan in its adjoint system, which happens when the "
+    "forward solve did not converge at a small eps (the plan of unconverged potentials "
+    "overflows). Raise max_iter, raise eps, use eps_scaling, or use grad='envelope'"
+)
+
+
+class ImplicitGradientError(FloatingPointError):
+    """The implicit backward cannot be computed (non-finite adjoint system)."""
+
+
 _SECOND_ORDER = (
     "second derivatives through sinkhorn(grad='implicit') are not supported; "
     "use grad='unroll' for higher-order gradients"
@@ -69,10 +80,24 @@ class ImplicitPotentials(torch.autograd.Function):
             return tuple(None if t is None else _NoSecondOrder.apply(t, anchor) for t in grads)
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
-        Q = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1))  # (B, N, M)
+        Q = fixed_point_kernel(C, a, b, eps, f, g)
         lam_f, lam_g = adjoint(Q, a, b, grad_f, grad_g)
         grads = parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, ctx.needs_input_grad[:4])
         return (*grads, None, None)
+
+
+def fixed_point_kernel(C, a, b, eps, f, g):
+    """``Q = exp((f_i + g_j - C_ij) / eps)`` ``(B, N, M)``, 0 where row and column are padding.
+
+    Pairs of two padded entries carry no mass and enter no equation of the adjoint, but
+    their exponent can overflow at small eps, and ``inf * 0`` would turn every gradient
+    into NaN.
+    """
+    logits = (f.unsqueeze(2) + g.unsqueeze(1) - C) / eps.view(-1, 1, 1)
+    both_padded = (a == 0).unsqueeze(2) & (b == 0).unsqueeze(1)
+    if not bool(both_padded.any()):
+        return torch.exp(logits)
+    return torch.where(both_padded, 0, torch.exp(torch.where(both_padded, 0, logits)))
 
 
 class _NoSecondOrder(torch.autograd.Function):
@@ -174,8 +199,9 @@ def adjoint(Q, a, b, grad_f, grad_g):
 def _solve_h(P, a, b, rf, rg):
     """Solve ``[[diag(a), P], [P^T, diag(b)]] (μf, μg) = (rf, rg)`` on the real entries.
 
-    Eliminates μf (the larger side, N >= M) and solves the ``(M, M)`` Schur complement.
-    Zero weights are padding: their μ is 0.
+    Up to :data:`DENSE_MAX` (``min(N, M)``) a dense solve of the scaled system
+    (:func:`_solve_scaled_dense`); above, CG on the Schur complement of the ``(M, M)``
+    side (the caller makes ``N >= M``). Zero weights are padding: their μ is 0.
     """
     real_f, real_g = (a > 0).to(P.dtype), (b > 0).to(P.dtype)
     a_safe = torch.where(a > 0, a, 1)
@@ -185,28 +211,48 @@ def _solve_h(P, a, b, rf, rg):
     drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
     rf = rf - drift * real_f
     rg = rg + drift * real_g
-    rhs = rg - torch.bmm(P.transpose(1, 2), (rf / a_safe).unsqueeze(-1)).squeeze(-1)  # (B, M)
     if min(P.shape[1], P.shape[2]) <= DENSE_MAX:
-        mu_g = _schur_dense(P, a_safe, b_safe, real_g, rhs)
-    else:
-        mu_g = _schur_cg(P, a_safe, b_safe, real_g, rhs)
+        return _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg)
+    rhs = rg - torch.bmm(P.transpose(1, 2), (rf / a_safe).unsqueeze(-1)).squeeze(-1)  # (B, M)
+    mu_g = _schur_cg(P, a_safe, b_safe, real_g, rhs)
     mu_f = (rf - torch.bmm(P, mu_g.unsqueeze(-1)).squeeze(-1)) / a_safe
     return mu_f * real_f, mu_g
 
 
-def _schur_dense(P, a_safe, b_safe, real_g, rhs):
+def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg):
+    """The dense solve in the variables ``ν = (sqrt(a) μf, sqrt(b) μg)``, in float64.
+
+    Scaling ``H`` by ``diag(a, b)^(-1/2)`` on both sides gives ``[[I, A], [A^T, I]]`` with
+    ``A_ij = P_ij / sqrt(a_i b_j)``, whose singular values lie in [0, 1]: the Schur
+    complement ``I - A^T A`` is as well conditioned as Sinkhorn's mixing allows, whatever
+    the weights. (Dividing by ``a`` directly made rows of tiny weights, 1e-30 say, round
+    to copies of each other once the null space was pinned: an exactly singular matrix.)
+    Its null vector is ``sqrt(b)`` on the real columns, pinned by the rank-one term
+    ``u u^T`` (``u`` its unit vector); the right-hand side is projected orthogonally to it.
+    Non-finite entries (an unconverged problem whose plan overflowed) are never factorised:
+    :class:`ImplicitGradientError` says what to change.
+    """
     dtype = P.dtype
-    P64, a64, b64 = P.double(), a_safe.double(), b_safe.double()
-    real = real_g.double()
-    S = torch.diag_embed(b64) - torch.bmm(P64.transpose(1, 2) / a64.unsqueeze(1), P64)
-    # S has the null vector 1 over the real columns: pin the solution to sum zero with
-    # a rank-one term of the size of S's spectrum (about mass / M).
-    m = real.sum(-1, keepdim=True)
-    scale = (b64 * real).sum(-1, keepdim=True) / m**2
-    S = S + scale.unsqueeze(-1) * real.unsqueeze(2) * real.unsqueeze(1)
-    r = rhs.double() * real
-    r = r - real * (r.sum(-1, keepdim=True) / m)
-    return torch.linalg.solve(S, r).to(dtype) * real_g
+    P64 = P.double()
+    sa, sb = a_safe.double().sqrt(), b_safe.double().sqrt()
+    real_f64, real_g64 = real_f.double(), real_g.double()
+    A = P64 / sa.unsqueeze(2) / sb.unsqueeze(1)  # (B, N, M); zero on padding (P is)
+    rt_f = rf.double() / sa * real_f64
+    rt_g = rg.double() / sb * real_g64
+    eye = torch.diag_embed(torch.ones_like(sb))
+    S = eye - torch.bmm(A.transpose(1, 2), A)
+    u = sb * real_g64
+    u = u / u.norm(dim=-1, keepdim=True)
+    S = S + u.unsqueeze(2) * u.unsqueeze(1)
+    rhs = rt_g - torch.bmm(A.transpose(1, 2), rt_f.unsqueeze(-1)).squeeze(-1)
+    rhs = (rhs - u * (u * rhs).sum(-1, keepdim=True)) * real_g64
+    if not bool(torch.isfinite(S).all() & torch.isfinite(rhs).all()):
+        raise ImplicitGradientError(_NON_FINITE_ADJOINT)
+    nu_g = torch.linalg.solve(S, rhs)
+    nu_f = rt_f - torch.bmm(A, nu_g.unsqueeze(-1)).squeeze(-1)
+    mu_f = (nu_f / sa * real_f64).to(dtype)
+    mu_g = (nu_g / sb * real_g64).to(dtype)
+    return mu_f, mu_g
 
 
 def _schur_cg(P, a_safe, b_safe, real_g, rhs):

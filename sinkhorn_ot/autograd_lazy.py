@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import _SECOND_ORDER, _schur_cg_products
+from .autograd import _SECOND_ORDER, _schur_cg_products, fixed_point_kernel
 
 
 class BlockQ:
@@ -32,15 +32,13 @@ class BlockQ:
     """
 
     def __init__(self, geometry, f, g, eps, a, b):
-        self.geometry, self.f, self.g, self.a, self.b = geometry, f, g, a, b
-        self.e = eps.view(-1, 1, 1)
+        self.geometry, self.f, self.g, self.a, self.b, self.eps = geometry, f, g, a, b, eps
 
     def block(self, i0: int, i1: int, cost: torch.Tensor | None = None) -> torch.Tensor:
         """``Q[:, i0:i1]``, zero where both the row and the column are padding."""
         cost = self.geometry.cost_block(i0, i1) if cost is None else cost
-        logits = (self.f[:, i0:i1].unsqueeze(2) + self.g.unsqueeze(1) - cost) / self.e
-        both_padded = (self.a[:, i0:i1] == 0).unsqueeze(2) & (self.b == 0).unsqueeze(1)
-        return torch.where(both_padded, 0, torch.exp(torch.where(both_padded, 0, logits)))
+        a, f = self.a[:, i0:i1], self.f[:, i0:i1]
+        return fixed_point_kernel(cost, a, self.b, self.eps, f, self.g)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """``Q v``: ``(B, M) -> (B, N)``."""

@@ -31,7 +31,10 @@ from ._updates import KernelStep, LogStep
 #: Point-cloud costs and the builder of one block of each (on centred points).
 POINT_COSTS = ("sqeuclidean", "euclidean", "cosine")
 #: A log weight that stands for log 0 but keeps log-sum-exps finite (see BlockLogStep).
-_FAR_BELOW = {t: -0.25 * torch.finfo(t).max for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_FAR_BELOW = {
+    t: -0.25 * torch.finfo(t).max
+    for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 #: Default budget of one cost block, in elements (``B * rows * M``): 16 MiB in float32.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
@@ -81,6 +84,10 @@ class Geometry:
         return torch.cat([self.cost_block(i0, i1) for i0, i1 in self.blocks()], dim=1)
 
     def detach(self) -> Geometry:
+        raise NotImplementedError
+
+    def select(self, index: torch.Tensor) -> Geometry:
+        """The problems ``index`` of the batch, as a geometry of their own."""
         raise NotImplementedError
 
 
@@ -133,6 +140,9 @@ class DenseCost(Geometry):
 
     def detach(self) -> DenseCost:
         return DenseCost(self.C.detach())
+
+    def select(self, index: torch.Tensor) -> DenseCost:
+        return DenseCost(self.C[index])
 
 
 class PointCloud(Geometry):
@@ -240,6 +250,14 @@ class PointCloud(Geometry):
 
     def detach(self) -> PointCloud:
         return self.with_points(self.x.detach(), self.y.detach())
+
+    def select(self, index: torch.Tensor) -> PointCloud:
+        out = self.with_points(self.x[index], self.y[index])
+        out.shape = (len(index), *self.shape[1:])
+        padding = getattr(self, "_padding", None)
+        if padding is not None:
+            out._padding = (padding[0][index], padding[1][index])
+        return out
 
     def centred_points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``x - c``, ``y - c`` with ``c`` the (detached) mean of ``y`` per problem.

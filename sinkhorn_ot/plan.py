@@ -134,12 +134,25 @@ class LazyPlan:
         )
         return sum(parts)
 
-    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column sums ``(P 1, P^T 1)``: ``(B, N)`` and ``(B, M)`` (untransposed)."""
-        batch, n, m = self.geometry.shape
-        plain = LazyPlan(self.geometry, self.f, self.g, self.a, self.b, self.eps)
-        rows = plain @ torch.ones(batch, m, dtype=self.dtype, device=self.device)
-        cols = plain.T @ torch.ones(batch, n, dtype=self.dtype, device=self.device)
+    def marginals(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column sums ``(P 1, P^T 1)``: ``(B, N)`` and ``(B, M)`` (untransposed).
+
+        Args:
+            dtype: accumulate the sums in this dtype (e.g. float64 for a float32 plan);
+                default the plan's dtype.
+        """
+        if dtype is None or dtype == self.dtype:
+            batch, n, m = self.geometry.shape
+            plain = LazyPlan(self.geometry, self.f, self.g, self.a, self.b, self.eps)
+            rows = plain @ torch.ones(batch, m, dtype=self.dtype, device=self.device)
+            cols = plain.T @ torch.ones(batch, n, dtype=self.dtype, device=self.device)
+        else:
+            row_parts, cols = [], 0
+            for i0, i1 in self.geometry.blocks():
+                block = self.block(i0, i1).to(dtype)
+                row_parts.append(block.sum(2))
+                cols = cols + block.sum(1)
+            rows = torch.cat(row_parts, dim=1)
         if not self.batched:
             return rows[0], cols[0]
         return rows, cols

@@ -95,8 +95,9 @@ def test_auto_falls_back_to_log_instead_of_nan(backend, monkeypatch):
 
     monkeypatch.setitem(solver.KERNEL_SAFE_RANGE, torch.float64, float("inf"))
     C, a, b = random_problem(2, 5, 5, seed=2)
-    # Every C_ij / eps > 745: exp(-C / eps) is exactly 0 in float64.
-    res = call(C=C + 8, a=a, b=b, eps=0.01, method="auto", backend=backend, max_iter=100000)
+    # Every C_ij / eps > 745: exp(-C / eps) is exactly 0 in float64. (A spread wider than
+    # the offset, so that sinkhorn does not take the offset off the cost.)
+    res = call(C=20 * C + 8, a=a, b=b, eps=0.01, method="auto", backend=backend, max_iter=100000)
     assert res.method == "log"
     assert torch.isfinite(res.plan).all() and res.converged.all()
 
