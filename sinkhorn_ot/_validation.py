@@ -308,16 +308,18 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     b_b = check_weights("b", b, (batch, m), C, batched, checks)
     dtype = compute_dtype(C.dtype)
     Cb = Cb.to(dtype)
-    mass = None
-    if a_b is not None:
-        mass = a_b.to(dtype).sum(-1, keepdim=True)
-    elif b_b is not None:
-        mass = b_b.to(dtype).sum(-1, keepdim=True)
-    if mass is None:
-        mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
-    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else (mass / n).expand(batch, n)
-    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else (mass / m).expand(batch, m)
+    # Mask before anything else reads the weights: a missing side takes its mass from
+    # the masked other side, so no gradient path bypasses the mask.
+    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else None
+    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else None
+    given = a_b if a_b is not None else b_b
+    if given is not None:
+        mass = given.sum(-1, keepdim=True)
+    else:
+        mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
+    a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
+    b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
     weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
     b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype), checks)
     eps_b = check_eps(eps, batch, batched, C, checks).to(dtype)
