@@ -7,7 +7,7 @@ Each test quotes its reproduction; the oracles are independent of the solver
 import pytest
 import torch
 
-from sinkhorn_ot import sinkhorn
+from sinkhorn_ot import pad_batch, sinkhorn
 
 F64 = torch.float64
 
@@ -41,3 +41,14 @@ def test_padded_weights_get_zero_gradient_when_other_side_is_none(grad, side):
         d = torch.tensor(direction, dtype=F64)
         fd = (_value(C, *args(w.detach() + h * d)) - _value(C, *args(w.detach() - h * d))) / (2 * h)
         assert torch.isclose(w.grad @ d, fd, rtol=1e-6, atol=1e-8), (j, w.grad, fd)
+
+
+def test_pad_batch_missing_side_gives_padded_weights_zero_gradient():
+    """``pad_batch([C], None, [b])`` with ``b = [.5, 0, .5, 0]``: the uniform ``a`` took its
+    mass from ``b.sum()``, so ``b.grad`` was ``[0.61, 0.42, 0.22, 0.42]``."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.tensor([0.5, 0.0, 0.5, 0.0], dtype=F64, requires_grad=True)
+    C, a, bb = pad_batch([torch.rand(3, 4, generator=gen, dtype=F64)], None, [b])
+    sinkhorn(C, a, bb, eps=0.1).value.backward()
+    assert b.grad[1] == 0 and b.grad[3] == 0
+    assert (b.grad[[0, 2]] != 0).all()
