@@ -173,28 +173,41 @@ def check_weights(
 
 
 def check_masses(
-    a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype, checks: ValueChecks | None = None
-) -> torch.Tensor:
-    """Balanced OT needs equal total mass per problem, up to the rounding of ``input_dtype``.
+    a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None
+) -> None:
+    """Balanced OT needs equal total mass per problem, up to the rounding of the weights.
 
-    Returns ``b`` rescaled to the mass of ``a`` so the remaining rounding difference
-    cannot keep the iterations from converging.
+    ``a`` and ``b`` are the weights as given (batched), each in its own dtype. Their
+    masses are summed in float64 and compared with a relative tolerance of the square
+    root of the machine epsilon of the coarser of the two dtypes: the precision the
+    user's weights actually carry, whatever the dtype of ``C``.
     """
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
-    rtol = torch.finfo(input_dtype).eps ** 0.5
+    coarse = max(a.dtype, b.dtype, key=lambda d: torch.finfo(d).eps)
+    rtol = torch.finfo(coarse).eps ** 0.5
     differs = (sa - sb).abs() > rtol * torch.maximum(sa, sb)
 
     def unequal() -> None:
         bad = differs.nonzero().flatten()
         i = int(bad[0])
+        x, y = float(sa[i]), float(sb[i])
         raise ValueError(
             f"`a` and `b` must have the same total mass in every problem (balanced OT), "
-            f"got a.sum() = {float(sa[i]):.8g} and b.sum() = {float(sb[i]):.8g} in problem {i} "
-            f"({len(bad)} problem(s) differ); rescale one of them"
+            f"got a.sum() = {x!r} and b.sum() = {y!r} in problem {i} (relative difference "
+            f"{abs(x - y) / max(x, y):.3g} > {rtol:.3g} allowed for {coarse} weights; "
+            f"{len(bad)} problem(s) differ); rescale one of them"
         )
 
     (checks.add if checks is not None else _now)(~differs.any(), unequal)
+
+
+def match_masses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b`` rescaled to the mass of ``a`` (both in the compute dtype), so the rounding
+    difference left after :func:`check_masses` cannot keep the iterations from
+    converging."""
+    sa = a.sum(-1, dtype=torch.float64)
+    sb = b.sum(-1, dtype=torch.float64)
     return b * (sa / sb).to(b.dtype).unsqueeze(-1)
 
 
@@ -308,6 +321,8 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     b_b = check_weights("b", b, (batch, m), C, batched, checks)
     dtype = compute_dtype(C.dtype)
     Cb = Cb.to(dtype)
+    if a_b is not None and b_b is not None:
+        check_masses(a_b, b_b, checks)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
     # Mask before anything else reads the weights: a missing side takes its mass from
     # the masked other side, so no gradient path bypasses the mask.
@@ -320,8 +335,7 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         mass = torch.ones(batch, 1, dtype=dtype, device=C.device)
     a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
     b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
-    weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
-    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, C.dtype), checks)
+    b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
     eps_b = check_eps(eps, batch, batched, C, checks).to(dtype)
     checks.run()
     return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)

@@ -52,3 +52,41 @@ def test_pad_batch_missing_side_gives_padded_weights_zero_gradient():
     sinkhorn(C, a, bb, eps=0.1).value.backward()
     assert b.grad[1] == 0 and b.grad[3] == 0
     assert (b.grad[[0, 2]] != 0).all()
+
+
+def test_weights_of_another_dtype_than_C_are_compared_at_their_own_precision():
+    """float64 ``C`` (7×2) with float32 ``a = torch.full((7,), 1/7)`` and
+    ``b = torch.full((2,), .5)`` raised "same total mass ... a.sum() = 1 and b.sum() = 1":
+    the masses were compared at float64 precision although the weights carry float32's."""
+    gen = torch.Generator().manual_seed(0)
+    C = torch.rand(7, 2, generator=gen, dtype=F64)
+    a = torch.full((7,), 1 / 7)
+    b = torch.full((2,), 0.5)
+    assert a.sum(dtype=F64) != b.sum(dtype=F64)  # they differ by float32 rounding
+    res = sinkhorn(C, a, b, eps=0.1, tol=1e-10)
+    assert res.converged and res.plan.dtype == F64
+    assert torch.allclose(res.plan.sum(0), b.double() * float(a.sum(dtype=F64)), atol=1e-9)
+    # One float64 side: still the float32 side's precision that counts.
+    sinkhorn(C, a.double(), b, eps=0.1)
+    sinkhorn(C.float(), a.double(), b, eps=0.1)
+
+
+@pytest.mark.parametrize(
+    ("a_dtype", "b_dtype", "c_dtype"),
+    [(torch.float32, torch.float32, F64), (F64, torch.float32, F64), (F64, F64, torch.float32)],
+)
+def test_genuinely_unequal_masses_are_still_rejected_with_useful_digits(a_dtype, b_dtype, c_dtype):
+    """``a.sum() = 1``, ``b.sum() = 1.01`` must be rejected whatever the dtypes, and the
+    message must show enough digits to tell the masses apart (it printed ``1`` and ``1``)."""
+    C = torch.rand(7, 2, dtype=c_dtype)
+    a = torch.full((7,), 1 / 7, dtype=a_dtype)
+    b = torch.full((2,), 0.505, dtype=b_dtype)
+    with pytest.raises(
+        ValueError,
+        match=r"same total mass.*a.sum\(\) = (1\.0|0\.9)\d* and b.sum\(\) = 1\.0(1|0999)\d* ",
+    ):
+        sinkhorn(C, a, b, eps=0.1)
+    # float64 weights are held to float64 precision even with a float32 C.
+    if a_dtype == b_dtype == F64:
+        with pytest.raises(ValueError, match="same total mass"):
+            sinkhorn(C, a, b * (1 - 1e-6) / 1.01, eps=0.1)
