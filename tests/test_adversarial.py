@@ -4,10 +4,12 @@ Each test quotes its reproduction; the oracles are independent of the solver
 (finite differences, ``scipy.optimize.linprog``).
 """
 
+import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
-from sinkhorn_ot import pad_batch, sinkhorn
+from sinkhorn_ot import emd, pad_batch, sinkhorn
 
 F64 = torch.float64
 
@@ -90,3 +92,50 @@ def test_genuinely_unequal_masses_are_still_rejected_with_useful_digits(a_dtype,
     if a_dtype == b_dtype == F64:
         with pytest.raises(ValueError, match="same total mass"):
             sinkhorn(C, a, b * (1 - 1e-6) / 1.01, eps=0.1)
+
+
+def _linprog_value(C, a, b):
+    """The LP optimum of the full problem (padded rows and columns kept as zero-mass
+    equality constraints), with dense constraints built independently of ``emd``."""
+    n, m = C.shape
+    A_eq = np.zeros((n + m, n * m))
+    for i in range(n):
+        A_eq[i, i * m : (i + 1) * m] = 1
+    for j in range(m):
+        A_eq[n + j, j::m] = 1
+    res = scipy.optimize.linprog(
+        C.ravel(), A_eq=A_eq, b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs"
+    )
+    assert res.status == 0, res.message
+    return res.fun
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_emd_duals_are_feasible_on_every_entry_including_padding(seed):
+    """3×3 ``C`` with one zero weight on each side: ``f_i + g_j <= C_ij`` failed by 9.0 on
+    the padded×padded entry (both potentials were c-transforms of the real duals only).
+    The duals must be feasible everywhere and optimal: ``<f, a> + <g, b>`` = LP value."""
+    rng = np.random.default_rng(seed)
+    if seed == 0:  # the reported shape: 3×3, one zero weight per side, far padded cost
+        # Real block cheap, padded row/column expensive against it, padded x padded
+        # cheap: the two c-transforms add up to about 20 > C[2, 0] = 0.
+        C = np.full((3, 3), 10.0)
+        C[:2, 1:] = rng.random((2, 2))
+        C[2, 0] = 0.0
+        a, b = np.array([0.5, 0.5, 0.0]), np.array([0.0, 0.5, 0.5])
+    else:
+        n, m = rng.integers(2, 9, size=2)
+        C = rng.random((n, m)) * 10 - 3  # negative entries too
+        a, b = rng.random(n) + 0.1, rng.random(m) + 0.1
+        a[rng.random(n) < 0.4], b[rng.random(m) < 0.4] = 0.0, 0.0
+        a[0], b[-1] = max(a[0], 0.1), max(b[-1], 0.1)  # at least one real point a side
+        a[-1], b[0] = 0.0, 0.0  # and at least one padded one
+        a, b = a / a.sum(), b / b.sum()
+    res = emd(*(torch.as_tensor(x, dtype=F64) for x in (C, a, b)))
+    f, g = res.f.numpy(), res.g.numpy()
+    assert np.isfinite(f).all() and np.isfinite(g).all()
+    assert (f[:, None] + g[None, :] - C).max() <= 1e-9
+    lp = _linprog_value(C, a, b)
+    assert np.isclose(float(res.value), lp, rtol=1e-9, atol=1e-12)
+    assert np.isclose(f @ a + g @ b, lp, rtol=1e-9, atol=1e-12)
+    assert (res.plan.numpy()[a == 0] == 0).all() and (res.plan.numpy()[:, b == 0] == 0).all()
