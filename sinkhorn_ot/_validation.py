@@ -172,9 +172,7 @@ def check_weights(
     return w
 
 
-def check_masses(
-    a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None
-) -> None:
+def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None) -> None:
     """Balanced OT needs equal total mass per problem, up to the rounding of the weights.
 
     ``a`` and ``b`` are the weights as given (batched), each in its own dtype. Their
@@ -244,6 +242,60 @@ def check_eps(
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"`eps` must be > 0 and finite, got {value:.6g}")
     return torch.full((batch,), value, dtype=torch.float64, device=C.device)
+
+
+def check_eps_in_dtype(
+    eps: torch.Tensor, C: torch.Tensor, dtype: torch.dtype, checks: ValueChecks | None = None
+) -> torch.Tensor:
+    """``eps (B,)`` converted to the compute ``dtype``, checked to be usable there.
+
+    A positive float can still be 0 in float32 (``1e-50``), have an infinite reciprocal
+    (``1e-320`` in float64, a subnormal) or make ``C / eps`` overflow; the loop would then
+    fail with non-finite potentials. Each is a ``ValueError`` naming ``eps``.
+
+    Args:
+        eps: ``(B,)`` positive and finite (as checked by :func:`check_eps`), any dtype.
+        C: cost ``(B, N, M)`` in the compute dtype.
+        dtype: the compute dtype.
+    """
+    eps_c = eps.to(dtype)
+    values = eps_c.detach()
+    scale = C.detach().abs().amax(dim=(1, 2))
+    positive = values > 0
+    reciprocal = torch.isfinite(1 / values)
+    scaled = torch.isfinite(scale / values)
+    add = checks.add if checks is not None else _now
+
+    def first(ok: torch.Tensor) -> tuple[int, float]:
+        k = int((~ok).nonzero()[0])
+        return k, float(eps.detach()[k])
+
+    def zero() -> None:
+        k, given = first(positive)
+        raise ValueError(
+            f"`eps` must be > 0 in the compute dtype {dtype}, got {given!r} (problem {k}), "
+            f"which is 0 there; use eps >= {torch.finfo(dtype).tiny:.3g} or a float64 `C`"
+        )
+
+    def subnormal() -> None:
+        k, given = first(reciprocal)
+        raise ValueError(
+            f"`eps` is too small for the compute dtype {dtype}: got {given!r} (problem {k}), "
+            f"whose reciprocal 1/eps overflows; use eps >= {torch.finfo(dtype).tiny:.3g}"
+        )
+
+    def overflow() -> None:
+        k, given = first(scaled)
+        raise ValueError(
+            f"`eps` is too small for the cost scale: max|C| / eps overflows {dtype} in "
+            f"problem {k} (max|C| = {float(scale[k]):.6g}, eps = {given!r}); use a larger "
+            "`eps`, rescale `C`, or a float64 `C`"
+        )
+
+    add(positive.all(), zero)
+    add(reciprocal.all(), subnormal)
+    add(scaled.all(), overflow)
+    return eps_c
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -336,6 +388,6 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
     b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
     b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
-    eps_b = check_eps(eps, batch, batched, C, checks).to(dtype)
+    eps_b = check_eps_in_dtype(check_eps(eps, batch, batched, C, checks), Cb, dtype, checks)
     checks.run()
     return Problem(Cb, a_b, b_b, eps_b, batched, C.dtype)

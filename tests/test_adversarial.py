@@ -139,3 +139,32 @@ def test_emd_duals_are_feasible_on_every_entry_including_padding(seed):
     assert np.isclose(float(res.value), lp, rtol=1e-9, atol=1e-12)
     assert np.isclose(f @ a + g @ b, lp, rtol=1e-9, atol=1e-12)
     assert (res.plan.numpy()[a == 0] == 0).all() and (res.plan.numpy()[:, b == 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("C", "eps", "pattern"),
+    [
+        # 1e-50 is 0 in float32 (as a float and as a float64 tensor).
+        (torch.rand(3, 3), 1e-50, r"`eps` must be > 0 in the compute dtype torch\.float32"),
+        (
+            torch.rand(3, 3),
+            torch.tensor(1e-50, dtype=F64),
+            r"`eps` must be > 0 in the compute dtype torch\.float32",
+        ),
+        # float16 C is computed in float32: the float32 limits apply.
+        (torch.rand(3, 3).half(), 1e-50, r"`eps` must be > 0 in the compute dtype torch\.float32"),
+        # 1e-320 is a float64 subnormal: positive, but 1/eps = inf.
+        (torch.rand(3, 3, dtype=F64), 1e-320, r"`eps` is too small.*torch\.float64.*1/eps"),
+        (torch.zeros(3, 3), 1e-40, r"`eps` is too small.*torch\.float32.*1/eps"),
+        # 1/eps is finite but max|C| / eps = 1e40 is not, in float32.
+        (torch.full((3, 3), 1e4), 1e-36, r"`eps` is too small for the cost scale.*max\|C\|"),
+    ],
+)
+def test_eps_unusable_in_the_compute_dtype_is_a_value_error_naming_eps(C, eps, pattern):
+    """``sinkhorn(torch.rand(3, 3), eps=1e-50)`` (float32) and ``sinkhorn(C64, eps=1e-320)``
+    raised ``FloatingPointError`` from inside the loop instead of a ``ValueError``."""
+    with pytest.raises(ValueError, match=pattern):
+        sinkhorn(C, eps=eps)
+    # The same eps is fine where the compute dtype can hold it.
+    if C.dtype != F64 and float(eps) >= 1e-300:
+        assert torch.isfinite(sinkhorn(C.double(), eps=eps, max_iter=3, tol=None).f).all()
