@@ -20,6 +20,8 @@ GRADS = ("implicit", "envelope", "unroll", "none")
 BACKENDS = ("auto", "torch", "native")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: Devices whose tensors carry shapes but no values: nothing can be solved there.
+_NO_DATA_DEVICES = ("meta",)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ def check_cost(C: object, checks: ValueChecks | None = None) -> torch.Tensor:
             f"`C` must be a floating tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {C.dtype}; convert it with C.float() or C.double()"
         )
+    if C.layout != torch.strided:
+        raise TypeError(
+            f"`C` must be a dense (strided) tensor, got layout {C.layout}; use C.to_dense()"
+        )
+    if C.device.type in _NO_DATA_DEVICES:
+        raise ValueError(
+            f"`C` is on the {C.device.type!r} device, which holds no values to solve with; "
+            "move it to a device with data, e.g. C.to('cpu') or C.to('cuda')"
+        )
     if C.dim() not in (2, 3):
         raise ValueError(
             f"`C` must have shape (N, M) or (B, N, M), got {C.dim()} dimensions {_shape(C)}"
@@ -136,6 +147,11 @@ def check_weights(
         raise TypeError(f"`{name}` must be a torch.Tensor or None, got {type(w).__name__}")
     if not w.is_floating_point():
         raise TypeError(f"`{name}` must be a floating tensor, got dtype {w.dtype}")
+    if w.layout != torch.strided:
+        raise TypeError(
+            f"`{name}` must be a dense (strided) tensor, got layout {w.layout}; "
+            f"use {name}.to_dense()"
+        )
     if w.device != C.device:
         raise ValueError(f"`{name}` must be on the same device as `C` ({C.device}), got {w.device}")
     if not batched:

@@ -168,3 +168,15 @@ def test_eps_unusable_in_the_compute_dtype_is_a_value_error_naming_eps(C, eps, p
     # The same eps is fine where the compute dtype can hold it.
     if C.dtype != F64 and float(eps) >= 1e-300:
         assert torch.isfinite(sinkhorn(C.double(), eps=eps, max_iter=3, tol=None).f).all()
+
+
+@pytest.mark.parametrize("solver", [sinkhorn, emd])
+def test_cost_on_meta_device_is_a_value_error_naming_C_and_the_device(solver):
+    """``sinkhorn(torch.rand(3, 3, device="meta"), eps=0.1)`` raised a raw
+    ``NotImplementedError`` ("Cannot copy out of meta tensor")."""
+    C = torch.rand(3, 3, device="meta")
+    kw = {"eps": 0.1} if solver is sinkhorn else {}
+    with pytest.raises(ValueError, match=r"`C` is on the 'meta' device"):
+        solver(C, **kw)
+    with pytest.raises(TypeError, match=r"`C` must be a dense \(strided\) tensor.*sparse_coo"):
+        solver(torch.rand(3, 3).to_sparse(), **kw)
