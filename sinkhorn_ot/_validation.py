@@ -20,6 +20,8 @@ GRADS = ("implicit", "envelope", "unroll", "none")
 BACKENDS = ("auto", "torch", "native")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: Devices whose tensors carry shapes but no values: nothing can be solved there.
+_NO_DATA_DEVICES = ("meta",)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,15 @@ def check_cost(C: object, checks: ValueChecks | None = None) -> torch.Tensor:
             f"`C` must be a floating tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {C.dtype}; convert it with C.float() or C.double()"
         )
+    if C.layout != torch.strided:
+        raise TypeError(
+            f"`C` must be a dense (strided) tensor, got layout {C.layout}; use C.to_dense()"
+        )
+    if C.device.type in _NO_DATA_DEVICES:
+        raise ValueError(
+            f"`C` is on the {C.device.type!r} device, which holds no values to solve with; "
+            "move it to a device with data, e.g. C.to('cpu') or C.to('cuda')"
+        )
     if C.dim() not in (2, 3):
         raise ValueError(
             f"`C` must have shape (N, M) or (B, N, M), got {C.dim()} dimensions {_shape(C)}"
@@ -139,6 +150,11 @@ def check_weights(
         raise TypeError(f"`{name}` must be a torch.Tensor or None, got {type(w).__name__}")
     if not w.is_floating_point():
         raise TypeError(f"`{name}` must be a floating tensor, got dtype {w.dtype}")
+    if w.layout != torch.strided:
+        raise TypeError(
+            f"`{name}` must be a dense (strided) tensor, got layout {w.layout}; "
+            f"use {name}.to_dense()"
+        )
     if w.device != C.device:
         raise ValueError(f"`{name}` must be on the same device as `C` ({C.device}), got {w.device}")
     if not batched:
@@ -175,29 +191,40 @@ def check_weights(
     return w
 
 
-def check_masses(
-    a: torch.Tensor, b: torch.Tensor, input_dtype: torch.dtype, checks: ValueChecks | None = None
-) -> torch.Tensor:
-    """Balanced OT needs equal total mass per problem, up to the rounding of ``input_dtype``.
+def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None) -> None:
+    """Balanced OT needs equal total mass per problem, up to the rounding of the weights.
 
-    Returns ``b`` rescaled to the mass of ``a`` so the remaining rounding difference
-    cannot keep the iterations from converging.
+    ``a`` and ``b`` are the weights as given (batched), each in its own dtype. Their
+    masses are summed in float64 and compared with a relative tolerance of the square
+    root of the machine epsilon of the coarser of the two dtypes: the precision the
+    user's weights actually carry, whatever the dtype of ``C``.
     """
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
-    rtol = torch.finfo(input_dtype).eps ** 0.5
+    coarse = max(a.dtype, b.dtype, key=lambda d: torch.finfo(d).eps)
+    rtol = torch.finfo(coarse).eps ** 0.5
     differs = (sa - sb).abs() > rtol * torch.maximum(sa, sb)
 
     def unequal() -> None:
         bad = differs.nonzero().flatten()
         i = int(bad[0])
+        x, y = float(sa[i]), float(sb[i])
         raise ValueError(
             f"`a` and `b` must have the same total mass in every problem (balanced OT), "
-            f"got a.sum() = {float(sa[i]):.8g} and b.sum() = {float(sb[i]):.8g} in problem {i} "
-            f"({len(bad)} problem(s) differ); rescale one of them"
+            f"got a.sum() = {x!r} and b.sum() = {y!r} in problem {i} (relative difference "
+            f"{abs(x - y) / max(x, y):.3g} > {rtol:.3g} allowed for {coarse} weights; "
+            f"{len(bad)} problem(s) differ); rescale one of them"
         )
 
     (checks.add if checks is not None else _now)(~differs.any(), unequal)
+
+
+def match_masses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b`` rescaled to the mass of ``a`` (both in the compute dtype), so the rounding
+    difference left after :func:`check_masses` cannot keep the iterations from
+    converging."""
+    sa = a.sum(-1, dtype=torch.float64)
+    sb = b.sum(-1, dtype=torch.float64)
     return b * (sa / sb).to(b.dtype).unsqueeze(-1)
 
 
@@ -234,6 +261,64 @@ def check_eps(
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"`eps` must be > 0 and finite, got {value:.6g}")
     return torch.full((batch,), value, dtype=torch.float64, device=C.device)
+
+
+def check_eps_in_dtype(
+    eps: torch.Tensor, C: torch.Tensor | None, dtype: torch.dtype, checks: ValueChecks | None = None
+) -> torch.Tensor:
+    """``eps (B,)`` converted to the compute ``dtype``, checked to be usable there.
+
+    A positive float can still be 0 in float32 (``1e-50``), have an infinite reciprocal
+    (``1e-320`` in float64, a subnormal) or make ``C / eps`` overflow; the loop would then
+    fail with non-finite potentials. Each is a ``ValueError`` naming ``eps``.
+
+    Args:
+        eps: ``(B,)`` positive and finite (as checked by :func:`check_eps`), any dtype.
+        C: cost ``(B, N, M)`` in the compute dtype, or ``None`` (a point cloud, whose
+            cost is not stored): then the ``max|C| / eps`` check is left out.
+        dtype: the compute dtype.
+    """
+    eps_c = eps.to(dtype)
+    values = eps_c.detach()
+    if C is None:
+        scale = torch.zeros_like(values)
+    else:
+        scale = C.detach().abs().amax(dim=(1, 2))
+    positive = values > 0
+    reciprocal = torch.isfinite(1 / values)
+    scaled = torch.isfinite(scale / values)
+    add = checks.add if checks is not None else _now
+
+    def first(ok: torch.Tensor) -> tuple[int, float]:
+        k = int((~ok).nonzero()[0])
+        return k, float(eps.detach()[k])
+
+    def zero() -> None:
+        k, given = first(positive)
+        raise ValueError(
+            f"`eps` must be > 0 in the compute dtype {dtype}, got {given!r} (problem {k}), "
+            f"which is 0 there; use eps >= {torch.finfo(dtype).tiny:.3g} or a float64 `C`"
+        )
+
+    def subnormal() -> None:
+        k, given = first(reciprocal)
+        raise ValueError(
+            f"`eps` is too small for the compute dtype {dtype}: got {given!r} (problem {k}), "
+            f"whose reciprocal 1/eps overflows; use eps >= {torch.finfo(dtype).tiny:.3g}"
+        )
+
+    def overflow() -> None:
+        k, given = first(scaled)
+        raise ValueError(
+            f"`eps` is too small for the cost scale: max|C| / eps overflows {dtype} in "
+            f"problem {k} (max|C| = {float(scale[k]):.6g}, eps = {given!r}); use a larger "
+            "`eps`, rescale `C`, or a float64 `C`"
+        )
+
+    add(positive.all(), zero)
+    add(reciprocal.all(), subnormal)
+    add(scaled.all(), overflow)
+    return eps_c
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -326,19 +411,22 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     else:
         Cb = (ref if batched else ref.unsqueeze(0)).to(dtype)
         geometry = DenseCost(Cb)
-    mass = None
-    if a_b is not None:
-        mass = a_b.to(dtype).sum(-1, keepdim=True)
-    elif b_b is not None:
-        mass = b_b.to(dtype).sum(-1, keepdim=True)
-    if mass is None:
-        mass = torch.ones(batch, 1, dtype=dtype, device=ref.device)
+    if a_b is not None and b_b is not None:
+        check_masses(a_b, b_b, checks)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
-    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else (mass / n).expand(batch, n)
-    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else (mass / m).expand(batch, m)
-    weight_dtype = a.dtype if a is not None else b.dtype if b is not None else dtype
-    b_b = check_masses(a_b, b_b, torch.promote_types(weight_dtype, ref.dtype), checks)
-    eps_b = check_eps(eps, batch, batched, ref, checks).to(dtype)
+    # Mask before anything else reads the weights: a missing side takes its mass from
+    # the masked other side, so no gradient path bypasses the mask.
+    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else None
+    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else None
+    given = a_b if a_b is not None else b_b
+    if given is not None:
+        mass = given.sum(-1, keepdim=True)
+    else:
+        mass = torch.ones(batch, 1, dtype=dtype, device=ref.device)
+    a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
+    b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
+    b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
+    eps_b = check_eps_in_dtype(check_eps(eps, batch, batched, ref, checks), Cb, dtype, checks)
     checks.run()
     return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry)
 

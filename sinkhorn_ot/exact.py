@@ -19,8 +19,9 @@ class EMDResult:
     Attributes:
         plan: optimal plan ``(B, N, M)``.
         value: optimal cost ``<C, plan>`` ``(B,)``.
-        f: row dual potentials ``(B, N)``; ``f_i + g_j <= C_ij`` with equality on the
-            plan's support; normalised so that ``<f, a> = <g, b>``.
+        f: row dual potentials ``(B, N)``; ``f_i + g_j <= C_ij`` for every entry (padded
+            rows and columns included) with equality on the plan's support; normalised so
+            that ``<f, a> = <g, b>``.
         g: column dual potentials ``(B, M)``.
 
     Example:
@@ -44,7 +45,8 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
     ``scipy.optimize.linprog(method="highs")``, one problem at a time on the CPU, in
     float64. Meant for small problems (a few hundred points) and as a test oracle.
     Zero weights are padding: their rows/columns of the plan are zero and their
-    potentials are the c-transforms of the others (finite).
+    potentials are finite c-transforms (a padded row's ``f_i`` of the real ``g``, a
+    padded column's ``g_j`` of all of ``f``), so ``f_i + g_j <= C_ij`` for every entry.
 
     Args:
         C: cost ``(N, M)`` or ``(B, N, M)``.
@@ -97,9 +99,12 @@ def _solve_one(C: np.ndarray, a: np.ndarray, b: np.ndarray):
     # Split the free constant so that <f, a> = <g, b>.
     shift = (g_sup @ b[cols] - f_sup @ a[rows]) / (2 * a.sum())
     f_sup, g_sup = f_sup + shift, g_sup - shift
-    # Padding: c-transforms keep f_i + g_j <= C_ij and stay finite.
-    g = (C[rows] - f_sup[:, None]).min(axis=0)
-    g[cols] = g_sup
+    # Padding (zero weight, so the value does not change): a padded row's f is the
+    # c-transform of the real g; then a padded column's g is the c-transform of the whole
+    # f, padded rows included. Every f_i + g_j <= C_ij holds, padded x padded too (two
+    # c-transforms of the real duals alone need not satisfy it there), and all stay finite.
     f = (C[:, cols] - g_sup[None, :]).min(axis=1)
     f[rows] = f_sup
+    g = (C - f[:, None]).min(axis=0)
+    g[cols] = g_sup
     return plan, f, g

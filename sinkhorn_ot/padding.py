@@ -82,7 +82,11 @@ def _check_list(name, values, count):
 
 def _weights(name, k, w, size, other, C):
     if w is None:
-        mass = other.sum() if other is not None else torch.ones((), dtype=C.dtype, device=C.device)
+        # Mask the other side's zeros (padding) so they get no gradient through the mass.
+        if other is not None:
+            mass = torch.where(other > 0, other, 0).sum()
+        else:
+            mass = torch.ones((), dtype=C.dtype, device=C.device)
         return (mass / size).to(C.dtype).expand(size)
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != (size,):
         got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
