@@ -1,16 +1,19 @@
 """CUDA backend: parity on the GPU, and what can be checked without one.
 
-* On a machine with an NVIDIA GPU (tests marked ``cuda``): the native CUDA op against the
-  torch backend on the same GPU (both kernel paths: ``small``, one launch per batch with
-  C in shared memory, and ``large``, streaming row/column passes), against POT, the
-  public ``sinkhorn`` with every gradient mode that exists, ``torch.compile`` and
-  ``opcheck``. They skip cleanly without a GPU.
+* On a machine with an NVIDIA GPU (tests marked ``cuda``): the native CUDA ops against the
+  torch backend on the same GPU (``solve`` on both kernel paths: ``small``, one launch per
+  batch with C in shared memory, and ``large``, streaming row/column passes; and
+  ``solve_points``, the cost computed on the fly from the point clouds, against the torch
+  loop on the dense cost of the same points), against POT, the public ``sinkhorn`` with
+  every gradient mode that exists, ``torch.compile`` and ``opcheck``. They skip cleanly
+  without a GPU.
 * Anywhere with ``nvcc`` and a CUDA build of torch: the CUDA extension compiles and links,
   and ``info`` says ``native-cuda: compiled, no device`` when there is no GPU.
 * Anywhere with a C++20 compiler: the CUDA kernel files themselves, compiled as C++
-  against a CPU emulation of the CUDA runtime (``csrc/cuda/emulation``), reproduce the
-  torch loop (same potentials, same ``n_iter``) on both paths. This is what tests the
-  kernels' indexing, barriers and stopping logic on a CPU-only CI.
+  against a CPU emulation of the CUDA runtime (``tests/cuda_emulation``, test-only code,
+  not shipped), reproduce the torch loop (same potentials, same ``n_iter``) on both dense
+  paths and on the point-cloud kernels. This is what tests the kernels' indexing,
+  barriers and stopping logic on a CPU-only CI.
 
 The oracle is :func:`sinkhorn_ot._loop.solve_potentials`. Tolerances: potentials 1e-10
 relative in float64 and 1e-4 in float32 (GPU exp2/log2 and reduction orders differ from
@@ -30,13 +33,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkhorn_ot import KernelUnderflowError, native, sinkhorn
-from sinkhorn_ot._loop import eps_schedule
+from sinkhorn_ot import KernelUnderflowError, costs, native, sinkhorn
+from sinkhorn_ot._loop import _raise_non_finite, eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
 from sinkhorn_ot.testing import random_problem
 
 HAS_GPU = torch.cuda.is_available()
-CUDA_DIR = Path(native.__file__).resolve().parent / "csrc" / "cuda"
+CSRC = Path(native.__file__).resolve().parent / "csrc"
+CUDA_DIR = CSRC / "cuda"
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emulation"
+COSTS = {"sqeuclidean": costs.sqeuclidean, "euclidean": costs.euclidean, "cosine": costs.cosine}
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 gpu = [pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")]
@@ -61,6 +67,46 @@ def problem(B, N, M, dtype, device="cpu", seed=0, pad=False, eps=0.1):
     e = eps * (1 + 0.5 * torch.arange(B, dtype=torch.float64) / B)
     kw = {"dtype": dtype, "device": device}
     return C.to(**kw), a.to(**kw), b.to(**kw), e.to(**kw)
+
+
+def table_of(C, eps, eps_scaling):
+    """The eps table of the torch loop's schedule, in the dtype of C."""
+    scale = C.detach().abs().amax((1, 2)) if C.numel() else eps
+    return eps_table(eps, scale, eps_scaling).to(C.dtype).contiguous()
+
+
+def check_finite(method, f, g, err):
+    """What the Python wrapper does with the op's outputs."""
+    if not bool(torch.isfinite(err).all() & torch.isfinite(f).all() & torch.isfinite(g).all()):
+        _raise_non_finite(method)
+
+
+def points_problem(B, N, M, D, dtype, device="cpu", seed=0, pad=False, eps=0.2):
+    """Random point clouds (centred, so that the cosine cost is not trivial), random
+    weights and per-problem eps; padding: the last two rows and the first column."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=gen, dtype=torch.float64)
+    y = torch.randn(B, M, D, generator=gen, dtype=torch.float64) + 0.25
+    a = torch.rand(B, N, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.rand(B, M, generator=gen, dtype=torch.float64) + 0.5
+    if pad:
+        a[:, -2:] = 0
+        b[:, :1] = 0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    e = eps * (1 + 0.5 * torch.arange(B, dtype=torch.float64) / B)
+    kw = {"dtype": dtype, "device": device}
+    return x.to(**kw), y.to(**kw), a.to(**kw), b.to(**kw), e.to(**kw)
+
+
+def unit_scale(cost, D):
+    """A cost_scale that keeps the costs of order 1 whatever D."""
+    return {"sqeuclidean": 1.0 / D, "euclidean": 1.0 / math.sqrt(D), "cosine": 1.0}[cost]
+
+
+def dense_cost(x, y, cost, cost_scale):
+    """The torch reference cost of the points: built in float64 (so that a float32 kernel
+    and its reference differ by roundings of C only), in the dtype of the points."""
+    return (COSTS[cost](x.double(), y.double()) * cost_scale).to(x.dtype)
 
 
 def assert_close_rel(actual, expected, rtol, what):
@@ -132,14 +178,19 @@ def emulation_source(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def emulated():
-    """``torch.ops.sinkhorn_ot_emu.solve``: the CUDA kernel files run on the CPU."""
+    """``torch.ops.sinkhorn_ot_emu``: the CUDA kernel files run on the CPU."""
+    import hashlib
+
     from torch.utils import cpp_extension
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
-    if not (CUDA_DIR / "emulation").is_dir():
-        pytest.skip("the CUDA emulation sources are not installed (source checkouts only)")
-    build = Path(tempfile.gettempdir()) / "sinkhorn_ot_cuda_emulation"
+    if not EMU_DIR.is_dir():
+        pytest.skip("the CUDA emulation sources are missing (source checkouts only)")
+    # One build folder per checkout (worktrees side by side must not share one).
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tempfile.gettempdir())
+    tag = hashlib.sha1(str(CUDA_DIR).encode()).hexdigest()[:8]
+    build = root / f"sinkhorn_ot_cuda_emulation_{tag}"
     build.mkdir(parents=True, exist_ok=True)
     sources = []
     for cu in sorted(CUDA_DIR.glob("*.cu")):
@@ -148,11 +199,11 @@ def emulated():
         if not dst.exists() or dst.read_text() != text:  # keep mtimes: ninja rebuilds less
             dst.write_text(text)
         sources.append(str(dst))
-    sources.append(str(CUDA_DIR / "emulation" / "emu_glue.cpp"))
+    sources.append(str(EMU_DIR / "emu_glue.cpp"))
     cpp_extension.load(
-        name="sinkhorn_ot_cuda_emu",
+        name=f"sinkhorn_ot_cuda_emu_{tag}",
         sources=sources,
-        extra_include_paths=[str(CUDA_DIR / "emulation"), str(CUDA_DIR)],
+        extra_include_paths=[str(EMU_DIR), str(CUDA_DIR), str(CSRC)],
         extra_cflags=["-std=c++20", "-O2"],
         build_directory=str(build),
         with_cuda=False,
@@ -161,23 +212,36 @@ def emulated():
     return torch.ops.sinkhorn_ot_emu
 
 
+# A fake device: 4 multiprocessors, 100 KiB shared memory per block.
+EMU_SMS, EMU_SMEM = 4, 100 * 1024
+
+
 def emu_solve(emu, C, a, b, eps, f0, *, max_iter, tol, method, eps_scaling=None, path):
-    eps0, steps = eps_schedule(eps, C, eps_scaling)
-    return emu.solve(
-        C,
-        a,
-        b,
-        eps,
-        f0,
-        eps0.contiguous(),
-        int(steps),
-        float(eps_scaling or 0.0),
-        int(max_iter),
-        -1.0 if tol is None else float(tol),
-        native.METHOD_CODES[method],
-        path,
-        4,
-        100 * 1024,  # a fake device: 4 multiprocessors, 100 KiB shared memory per block
+    table = table_of(C, eps, eps_scaling)
+    return emu.solve(C, a, b, f0, table, int(max_iter), tol, method, path, EMU_SMS, EMU_SMEM)
+
+
+def emu_points(
+    emu,
+    x,
+    y,
+    a,
+    b,
+    eps,
+    f0,
+    *,
+    cost,
+    cost_scale,
+    max_iter,
+    tol,
+    method,
+    eps_scaling=None,
+    sm_count=EMU_SMS,
+):
+    C = dense_cost(x, y, cost, cost_scale)  # the table's cost scale, as the wrapper's
+    table = table_of(C, eps, eps_scaling)
+    return emu.solve_points(
+        x, y, a, b, f0, table, int(max_iter), tol, method, cost, float(cost_scale), sm_count
     )
 
 
@@ -255,6 +319,83 @@ def test_path_choice(emulated):
     assert emulated.chosen_path(128, 128, 8, 4, 227 * 1024) == "small"  # H100: 227 KB
 
 
+# Point clouds (B, N, M, D): B = 1 and B > 1; N, M in {1, 7, 33, 70} (one and two tiles
+# of 64, tails); D in {1, 3} (one chunk of 4 dimensions, the outer tile resident) and
+# {17, 64} (chunks of 16, a tail); and the inner range split over blocks or not.
+EMU_POINTS = [(1, 7, 33, 3), (2, 33, 7, 1), (2, 70, 33, 17), (1, 33, 70, 64), (1, 1, 7, 3)]
+
+
+def points_parity(emulated, shape, cost, method, dtype, *, sm_count=EMU_SMS, **kw):
+    B, N, M, D = shape
+    x, y, a, b, eps = points_problem(B, N, M, D, dtype, seed=N + M + D, pad=N > 8)
+    scale = unit_scale(cost, D)
+    f0 = default_f0(a, eps)
+    run = {"max_iter": 60, "tol": TOL[dtype], "method": method, **kw}
+    ref = torch_solve(dense_cost(x, y, cost, scale), a, b, eps, f0, **run)
+    out = emu_points(
+        emulated, x, y, a, b, eps, f0, cost=cost, cost_scale=scale, sm_count=sm_count, **run
+    )
+    assert_parity(ref, out, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.parametrize("cost", list(COSTS))
+@pytest.mark.parametrize("shape", EMU_POINTS, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_points_match_torch_f64(emulated, shape, cost, method):
+    points_parity(emulated, shape, cost, method, torch.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.parametrize("cost", list(COSTS))
+def test_emulated_points_match_torch_f32(emulated, cost, method):
+    points_parity(emulated, (2, 70, 33, 17), cost, method, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cost", list(COSTS))
+def test_emulated_points_unsplit_inner_range(emulated, cost):
+    """A fake device with no multiprocessors: the planner never splits the inner range, so
+    one block walks several inner tiles (no combine pass)."""
+    points_parity(emulated, (1, 33, 70, 17), cost, "log", torch.float64, sm_count=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cost", list(COSTS))
+def test_emulated_points_annealing_and_fixed_iterations(emulated, cost):
+    x, y, a, b, eps = points_problem(2, 19, 13, 3, torch.float64, seed=3, pad=True, eps=0.05)
+    scale = unit_scale(cost, 3)
+    C = dense_cost(x, y, cost, scale)
+    f0 = default_f0(a, eps) + 0.1  # a warm start
+    for kw in [
+        {"max_iter": 40, "tol": 1e-9, "method": "log", "eps_scaling": 0.6},
+        {"max_iter": 7, "tol": None, "method": "kernel", "eps_scaling": 0.5},
+        {"max_iter": 6, "tol": None, "method": "log"},
+        {"max_iter": 0, "tol": 1e-9, "method": "log"},
+    ]:
+        if kw.get("eps_scaling"):
+            assert table_of(C, eps, kw["eps_scaling"]).shape[1] > 1
+        ref = torch_solve(C, a, b, eps, f0, **kw)
+        out = emu_points(emulated, x, y, a, b, eps, f0, cost=cost, cost_scale=scale, **kw)
+        assert_parity(ref, out, torch.float64)
+
+
+@pytest.mark.slow
+def test_emulated_points_kernel_underflow_returns_non_finite(emulated):
+    x, y, a, b, eps = points_problem(2, 6, 9, 3, torch.float32, eps=1e-3)
+    f0 = default_f0(a, eps)
+    kw = {"cost": "sqeuclidean", "cost_scale": 100.0, "max_iter": 20, "tol": 1e-5}
+    _, g, _, err = emu_points(emulated, x, y, a, b, eps, f0, method="kernel", **kw)
+    assert not (bool(torch.isfinite(err).all()) and bool(torch.isfinite(g).all()))
+    with pytest.raises(KernelUnderflowError):
+        check_finite(
+            "kernel", *emu_points(emulated, x, y, a, b, eps, f0, method="kernel", **kw)[:2], err
+        )
+    f, g, _, err = emu_points(emulated, x, y, a, b, eps, f0, method="log", **kw)
+    assert bool(torch.isfinite(f).all() & torch.isfinite(g).all() & torch.isfinite(err).all())
+
+
 # --------------------------------------------------------------------------------------
 # On the GPU.
 
@@ -274,11 +415,31 @@ def path(request, monkeypatch):
     return request.param
 
 
+def native_dense(C, a, b, eps, f0, *, max_iter, tol, method, eps_scaling=None):
+    """``torch.ops.sinkhorn_ot.solve`` called as the Python wrapper calls it."""
+    table = table_of(C, eps, eps_scaling)
+    out = torch.ops.sinkhorn_ot.solve(C, a, b, f0, table, int(max_iter), tol, method)
+    check_finite(method, out[0], out[1], out[3])
+    return out
+
+
+def native_points(
+    x, y, a, b, eps, f0, *, cost, cost_scale, max_iter, tol, method, eps_scaling=None
+):
+    """``torch.ops.sinkhorn_ot.solve_points`` called as the Python wrapper calls it."""
+    table = table_of(dense_cost(x, y, cost, cost_scale), eps, eps_scaling)
+    out = torch.ops.sinkhorn_ot.solve_points(
+        x, y, a, b, f0, table, int(max_iter), tol, method, cost, float(cost_scale)
+    )
+    check_finite(method, out[0], out[1], out[3])
+    return out
+
+
 def both_on_gpu(C, a, b, eps, f0=None, **kw):
     if f0 is None:
         f0 = default_f0(a, eps)
     ref = torch_solve(C, a, b, eps, f0, **kw)
-    out = native.solve_potentials(C, a, b, eps, f0, **kw)
+    out = native_dense(C, a, b, eps, f0, **kw)
     assert out[0].device == C.device
     return ref, out
 
@@ -447,8 +608,12 @@ def test_gpu_torch_compile():
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
 def test_gpu_opcheck(dtype):
     C, a, b, eps = problem(3, 8, 6, dtype, device="cuda")
-    args = (C, a, b, eps, default_f0(a, eps), eps.clone(), 0, 0.0, 50, 1e-6, 0)
+    table = table_of(C, eps, 0.5)
+    args = (C, a, b, default_f0(a, eps), table, 50, 1e-6, "log")
     torch.library.opcheck(torch.ops.sinkhorn_ot.solve.default, args)
+    x, y, a, b, eps = points_problem(3, 8, 6, 5, dtype, device="cuda")
+    args = (x, y, a, b, default_f0(a, eps), eps.unsqueeze(-1), 50, None, "kernel", "cosine", 1.0)
+    torch.library.opcheck(torch.ops.sinkhorn_ot.solve_points.default, args)
 
 
 @pytest.mark.parametrize("path", ["small", "large"], indirect=True)
@@ -458,11 +623,9 @@ def test_gpu_opcheck(dtype):
 def test_gpu_kernel_underflow_raises(path):
     C, a, b, eps = problem(2, 6, 9, torch.float32, device="cuda", eps=1e-3)
     with pytest.raises(KernelUnderflowError):
-        native.solve_potentials(
-            100 * C, a, b, eps, default_f0(a, eps), max_iter=20, tol=1e-5, method="kernel"
-        )
+        native_dense(100 * C, a, b, eps, default_f0(a, eps), max_iter=20, tol=1e-5, method="kernel")
     # The log form is stable at the same eps.
-    f, _, _, err = native.solve_potentials(
+    f, _, _, err = native_dense(
         100 * C, a, b, eps, default_f0(a, eps), max_iter=20, tol=1e-5, method="log"
     )
     assert bool(torch.isfinite(f).all()) and not math.isnan(float(err.max()))
@@ -474,12 +637,72 @@ def test_gpu_kernel_underflow_raises(path):
 def test_gpu_op_runs_on_the_current_stream_and_device_guard():
     C, a, b, eps = problem(4, 20, 20, torch.float32, device="cuda", seed=9)
     f0 = default_f0(a, eps)
-    expected = native.solve_potentials(C, a, b, eps, f0, max_iter=50, tol=None, method="log")
+    expected = native_dense(C, a, b, eps, f0, max_iter=50, tol=None, method="log")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        got = native.solve_potentials(C, a, b, eps, f0, max_iter=50, tol=None, method="log")
+        got = native_dense(C, a, b, eps, f0, max_iter=50, tol=None, method="log")
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     for x, y in zip(got, expected):
         assert torch.equal(x, y)  # deterministic: same bits on any stream
+
+
+GPU_POINTS = [
+    (1, 7, 5, 1),
+    (3, 130, 70, 3),
+    (2, 333, 1000, 17),
+    (2, 700, 257, 64),
+    (1, 64, 64, 1024),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.parametrize("cost", list(COSTS))
+@pytest.mark.parametrize("shape", GPU_POINTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_points_match_torch_on_dense_cost(shape, cost, method, dtype):
+    N, D = shape[1], shape[3]
+    x, y, a, b, eps = points_problem(*shape, dtype, device="cuda", seed=sum(shape), pad=N > 8)
+    scale = unit_scale(cost, D)
+    C = dense_cost(x, y, cost, scale)
+    f0 = default_f0(a, eps)
+    for kw in [
+        {"max_iter": 300, "tol": TOL[dtype]},
+        {"max_iter": 25, "tol": None},
+        {"max_iter": 300, "tol": TOL[dtype], "eps_scaling": 0.5},
+    ]:
+        ref = torch_solve(C, a, b, eps, f0, method=method, **kw)
+        out = native_points(x, y, a, b, eps, f0, cost=cost, cost_scale=scale, method=method, **kw)
+        assert out[0].device == x.device
+        assert_parity(ref, out, dtype)
+
+
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_points_large_batch_and_underflow():
+    x, y, a, b, eps = points_problem(64, 40, 50, 3, torch.float32, device="cuda", seed=2)
+    C = dense_cost(x, y, "sqeuclidean", 1.0)
+    f0 = default_f0(a, eps)
+    kw = {"max_iter": 500, "tol": 1e-4, "method": "log"}
+    ref = torch_solve(C, a, b, eps, f0, **kw)
+    out = native_points(x, y, a, b, eps, f0, cost="sqeuclidean", cost_scale=1.0, **kw)
+    assert_parity(ref, out, torch.float32)
+    with pytest.raises(KernelUnderflowError):
+        native_points(
+            x,
+            y,
+            a,
+            b,
+            eps / 1000,
+            f0,
+            cost="sqeuclidean",
+            cost_scale=100.0,
+            max_iter=20,
+            tol=1e-5,
+            method="kernel",
+        )

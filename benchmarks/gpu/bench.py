@@ -12,6 +12,11 @@ Measures, in one process on one GPU, the numbers the CUDA issue sets targets for
    ``ot.solve_batch(method="log_sinkhorn", tol=0)`` (>= 10x) and our torch backend
    (>= 5x); plus the same to tolerance 1e-5 (POT's tol converted as in benchmarks/peers.py).
 4. ``grid``: time per iteration, native vs torch backend, over the CUDA grid.
+5. ``points``: the point-cloud op ``solve_points`` (cost computed on the fly, nothing of
+   size N M stored), float32, sqeuclidean, B=1, N = M up to 100 000, D in {3, 64}: time
+   per iteration and pair evaluations per second (``B N M iterations 2 / time``: each
+   iteration evaluates every pair twice, once per half-step); where the dense cost fits,
+   also the dense op on the materialised cost.
 
 Inputs follow benchmarks/cases.py (squared Euclidean cost between uniform points in the
 unit cube, uniform weights, eps = 0.05 * median cost), generated here on the CPU from
@@ -36,7 +41,6 @@ from pathlib import Path
 import torch
 
 from sinkhorn_ot import native, sinkhorn
-from sinkhorn_ot._loop import eps_schedule
 from sinkhorn_ot._loop import solve_potentials as torch_solve
 
 LARGE = (8, 4096, 4096)
@@ -49,6 +53,14 @@ GRID = [
     (8, 2048, 2048),
     (1, 8192, 8192),
 ]
+# (B, N, M, D) of the point-cloud section; dense comparison while N M <= POINTS_DENSE_MAX.
+POINTS = [
+    (1, 10_000, 10_000, 3),
+    (1, 10_000, 10_000, 64),
+    (1, 100_000, 100_000, 3),
+    (1, 100_000, 100_000, 64),
+]
+POINTS_DENSE_MAX = 10_000 * 10_000
 SMALL_ITERS = 100
 TARGETS = {"large_roofline_ratio": 1.5, "speedup_vs_pot": 10.0, "speedup_vs_torch": 5.0}
 
@@ -101,10 +113,28 @@ def op_args(C, a, b, eps):
     return C, a, b, e, f0
 
 
-def native_op(C, a, b, e, f0, iters, tol=None, method=0):
-    eps0, steps = eps_schedule(e, C, None)
-    return torch.ops.sinkhorn_ot.solve(
-        C, a, b, e, f0, eps0, steps, 0.0, iters, -1.0 if tol is None else tol, method
+def native_op(C, a, b, e, f0, iters, tol=None, method="log"):
+    table = e.unsqueeze(-1).contiguous()  # no annealing: S = 1
+    return torch.ops.sinkhorn_ot.solve(C, a, b, f0, table, iters, tol, method)
+
+
+def points_case(B, N, M, D, seed=0):
+    """Uniform points in [0, 1]^D, sqeuclidean scaled by 1 / D, eps = 0.05 (about 0.05 x
+    the median cost 1/6), uniform weights; float32 on the GPU."""
+    g = torch.Generator().manual_seed(seed + N + D)
+    x = torch.rand(B, N, D, generator=g).cuda()
+    y = torch.rand(B, M, D, generator=g).cuda()
+    a = torch.full((B, N), 1.0 / N, device="cuda")
+    b = torch.full((B, M), 1.0 / M, device="cuda")
+    e = torch.full((B,), 0.05 / 6, device="cuda")
+    return x, y, a, b, e, -e.unsqueeze(-1) * a.log()
+
+
+def points_op(x, y, a, b, e, f0, iters, cost="sqeuclidean", scale=None):
+    scale = 1.0 / x.shape[-1] if scale is None else scale
+    table = e.unsqueeze(-1).contiguous()
+    return torch.ops.sinkhorn_ot.solve_points(
+        x, y, a, b, f0, table, iters, None, "log", cost, scale
     )
 
 
@@ -321,6 +351,44 @@ def bench_grid(results, quick):
     results["grid"] = rows
 
 
+def points_row(B, N, M, D, quick):
+    x, y, a, b, e, f0 = points_case(B, N, M, D)
+    big = N * M > POINTS_DENSE_MAX
+    k1, k2, reps = (1, 3, 1) if big else (2, 6 if quick else 12, 3)
+    t = per_iteration(lambda k: points_op(x, y, a, b, e, f0, k), k1, k2, reps=reps)
+    row = {
+        "shape": [B, N, M, D],
+        "points_s_per_iter": t,
+        "pair_evals_per_s": 2 * B * N * M / t,
+    }
+    if not big:
+        try:
+            C = ((x.unsqueeze(2) - y.unsqueeze(1)) ** 2).sum(-1) / D
+            t_dense = per_iteration(lambda k: native_op(C, a, b, e, f0, k), k1, k2, reps=reps)
+            row["dense_s_per_iter"] = t_dense
+            del C
+        except torch.cuda.OutOfMemoryError:
+            row["dense_s_per_iter"] = None
+    log(
+        f"points {B}x{N}x{M}xD{D}: {t * 1e3:.2f} ms/iter, "
+        f"{row['pair_evals_per_s'] / 1e9:.1f} G pair-evals/s"
+        + (
+            f", dense op {row['dense_s_per_iter'] * 1e3:.2f} ms/iter"
+            if row.get("dense_s_per_iter")
+            else ""
+        )
+    )
+    return row
+
+
+def bench_points(results, quick):
+    rows = []
+    for B, N, M, D in POINTS:
+        rows.append(points_row(B, N, M, D, quick))
+        results["points"] = rows  # partial results survive a timeout
+        torch.cuda.empty_cache()
+
+
 def markdown(results) -> str:
     d = results["device"]
     lines = [
@@ -378,6 +446,21 @@ def markdown(results) -> str:
                 f"{r['speedup_vs_torch']:.1f} | {r['native_GBps_effective']:.0f} |"
             )
         lines.append("")
+    if "points" in results:
+        lines += [
+            "## Point clouds: solve_points (sqeuclidean, float32, cost on the fly)",
+            "",
+            "| B x N x M x D | ms/iter | G pair-evals/s | dense op ms/iter |",
+            "|---|---|---|---|",
+        ]
+        for r in results["points"]:
+            dense = r.get("dense_s_per_iter")
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r['points_s_per_iter'] * 1e3:.2f} | "
+                f"{r['pair_evals_per_s'] / 1e9:.1f} | "
+                f"{dense * 1e3 if dense else float('nan'):.2f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -385,7 +468,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--only", nargs="*", default=["large", "small", "grid"])
+    parser.add_argument("--only", nargs="*", default=["large", "small", "grid", "points"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         log("no CUDA device")
@@ -412,6 +495,7 @@ def main(argv=None) -> int:
         "large": lambda: bench_large(results, bw, args.quick),
         "small": lambda: bench_small(results, args.quick),
         "grid": lambda: bench_grid(results, args.quick),
+        "points": lambda: bench_points(results, args.quick),
     }
     for name in args.only:
         try:

@@ -1,4 +1,5 @@
-// Device helpers shared by the small (on-chip) and large (streaming) solvers.
+// Device helpers shared by the small (on-chip), large (streaming) and point-cloud solvers.
+// The loop contract (eps table, stopping rule, violation terms) is ../loop_rules.h.
 //
 // Log-sum-exps are computed in base 2: with k = log2(e) / eps, a log-domain term
 // (h_q - C_oq / eps) becomes x = h2_q - C_oq * k (one FMA) and exp becomes exp2 (one
@@ -12,7 +13,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "loop_rules.h"
+
 namespace sinkhorn_ot_cuda {
+
+namespace rules = ::sinkhorn_ot::rules;
 
 constexpr double kLog2e = 1.4426950408889634073599246810019;
 constexpr double kLn2 = 0.69314718055994530941723212145818;
@@ -51,14 +56,16 @@ struct Math<double> {
   static __device__ __forceinline__ double neg_inf() { return -static_cast<double>(INFINITY); }
 };
 
-// eps of iteration t: max(eps, eps0 * s**t) while annealing, eps afterwards (torch:
-// `torch.maximum(eps, eps0 * eps_scaling**t)`, the Python float cast to T).
+// The eps table (B, S) on the device: iteration t of problem b uses row b, column
+// min(t, S - 1) (rules::eps_at).
 template <typename T>
-__device__ __forceinline__ T eps_at(T eps, T eps0, bool annealing, double scale) {
-  if (!annealing) return eps;
-  const T v = eps0 * static_cast<T>(scale);
-  return v > eps ? v : eps;
-}
+struct EpsTable {
+  const T* table;
+  int64_t S;
+  __device__ __forceinline__ T at(int64_t b, int64_t t) const {
+    return rules::eps_at(table + b * S, S, t);
+  }
+};
 
 // log2 of a weight, -inf for padding (zero weight).
 template <typename T>
@@ -150,15 +157,6 @@ __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
-}
-
-// One term of the marginal violation, in float64 as in torch:
-// a_i |expm1((f_i - f_next_i) / eps)|.
-template <typename T>
-__device__ __forceinline__ double violation_term(T a, T f, T f_next, T eps) {
-  const double r = expm1((static_cast<double>(f) - static_cast<double>(f_next)) /
-                         static_cast<double>(eps));
-  return static_cast<double>(a) * fabs(r);
 }
 
 }  // namespace sinkhorn_ot_cuda

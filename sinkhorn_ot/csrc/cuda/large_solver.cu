@@ -85,24 +85,19 @@ __device__ __forceinline__ void combine(Lse<T>& acc, T m2, T s2) {
   }
 }
 
-struct EpsStep {
-  bool annealing;
-  double scale;
-};
-
 // ---------------------------------------------------------------------------------------
 // Row pass: one warp per row.
 template <typename T, int VEC, bool KM>
 __global__ void __launch_bounds__(kThreads, row_min_blocks<T>())
-    row_kernel(const T* __restrict__ C, const T* __restrict__ hg, const T* __restrict__ eps,
-               const T* __restrict__ eps0, const uint8_t* __restrict__ active,
-               T* __restrict__ out, int64_t B, int64_t N, int64_t M, EpsStep es) {
+    row_kernel(const T* __restrict__ C, const T* __restrict__ hg, const EpsTable<T> eps,
+               const uint8_t* __restrict__ active, T* __restrict__ out, int64_t B, int64_t N,
+               int64_t M, int64_t t) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (row >= B * N) return;
   const int64_t b = row / N;
   if (!active[b]) return;
-  const T e = eps_at(eps[b], eps0[b], es.annealing, es.scale);
+  const T e = eps.at(b, t);
   const T k = static_cast<T>(kLog2e) / e;
   const T* crow = C + row * M;
   const T* h = hg + b * M;
@@ -151,8 +146,7 @@ struct ColArgs {
   const T* C;
   const T* ha;  // (B, N) column-pass vector
   const T* b;
-  const T* eps;
-  const T* eps0;
+  EpsTable<T> eps;
   const uint8_t* active;
   T* g;
   T* hg;  // (B, M) row-pass vector for the next iteration
@@ -161,7 +155,7 @@ struct ColArgs {
   int* counters;  // (B, ntiles), zero between launches
   int64_t B, N, M;
   int64_t nchunks, rows_per_chunk, ntiles;
-  EpsStep cur, next;
+  int64_t t, t_next;  // eps_t for this pass, eps_{t_next} for h_b (the next row pass)
 };
 
 template <typename T, bool KM>
@@ -169,7 +163,7 @@ __device__ __forceinline__ void write_column(const ColArgs<T>& p, int64_t b, int
                                              const Lse<T>& acc, T e) {
   const T gj = acc.template finish<KM>(e);
   p.g[b * p.M + j] = gj;
-  const T e_next = eps_at(p.eps[b], p.eps0[b], p.next.annealing, p.next.scale);
+  const T e_next = p.eps.at(b, p.t_next);
   const T k_next = static_cast<T>(kLog2e) / e_next;
   p.hg[b * p.M + j] = half_step_vector<T, KM>(log2_weight(p.b[b * p.M + j]), gj, k_next);
 }
@@ -192,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) col_kernel(const ColArgs<T> p) {
   if (!p.active[b]) return;
 
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
-  const T e = eps_at(p.eps[b], p.eps0[b], p.cur.annealing, p.cur.scale);
+  const T e = p.eps.at(b, p.t);
   const T k = static_cast<T>(kLog2e) / e;
   const int64_t jt = tile * TW;  // first column of the strip
   // Column (within the strip) of this thread's v-th value.
@@ -310,10 +304,8 @@ __global__ void __launch_bounds__(kThreads) col_kernel(const ColArgs<T> p) {
 template <typename T>
 struct FinArgs {
   const T* a;
-  const T* eps;
-  const T* eps0;
+  EpsTable<T> eps;
   const T* f0;
-  const double* mass_in;
   T* f;
   T* fn;
   T* ha;
@@ -323,10 +315,9 @@ struct FinArgs {
   double* err;
   int* alive;  // [2]: problems still iterating after finalize(t), slot t & 1
   int64_t N;
-  int64_t t, anneal_steps;
+  int64_t t, max_iter;
   double tol;
-  bool use_tol, check, last;
-  EpsStep es;
+  bool has_tol, check;
 };
 
 __device__ __forceinline__ double block_sum(double v, double* red) {
@@ -344,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) init_kernel(const FinArgs<T> p) {
   __shared__ double red[kThreads / 32];
   const int64_t b = blockIdx.x;
   if (b == 0 && threadIdx.x == 0) p.alive[0] = p.alive[1] = 0;
-  const T e = eps_at(p.eps[b], p.eps0[b], p.es.annealing, p.es.scale);
+  const T e = p.eps.at(b, 0);
   const T k = static_cast<T>(kLog2e) / e;
   double part = 0.0;
   for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
@@ -370,22 +361,23 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinArgs<T> p) 
   const int64_t b = blockIdx.x;
   if (b == 0 && threadIdx.x == 0) p.alive[(p.t + 1) & 1] = 0;
   if (!p.active[b]) return;
-  const T e = eps_at(p.eps[b], p.eps0[b], p.es.annealing, p.es.scale);
+  const T e = p.eps.at(b, p.t);
   const T k = static_cast<T>(kLog2e) / e;
   const T* a = p.a + b * p.N;
   T* f = p.f + b * p.N;
   const T* fn = p.fn + b * p.N;
   if (p.check) {
     double part = 0.0;
-    for (int64_t i = threadIdx.x; i < p.N; i += kThreads) part += violation_term(a[i], f[i], fn[i], e);
+    for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
+      part += rules::violation_term(a[i], f[i], fn[i], e);
+    }
     const double total = block_sum(part, red);
     if (threadIdx.x == 0) {
       const double viol = total / p.mass[b];
       p.err[b] = viol;
-      const bool converged = p.use_tol && p.t >= p.anneal_steps && viol <= p.tol;
       // Non-finite: stop (the torch loop raises; the wrapper raises on this err).
-      const bool stop = p.last || converged || !isfinite(viol);
-      if (stop && !p.last) p.active[b] = 0;
+      const bool stop = rules::should_stop(viol, p.has_tol, p.tol, p.t, p.eps.S, p.max_iter);
+      if (stop && p.t < p.max_iter) p.active[b] = 0;
       stop_s = stop;
     }
     __syncthreads();
@@ -471,16 +463,12 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   int* alive = reinterpret_cast<int*>(ws + pl.off_alive);
   SK_TRY(cudaMemsetAsync(counters, 0, sizeof(int) * a.B * pl.ntiles, stream));
 
-  auto step = [&](int64_t t) {
-    const bool ann = t < a.anneal_steps;
-    return EpsStep{ann, ann ? a.host_scales[t] : 0.0};
-  };
-  const bool use_tol = a.tol >= 0.0;
+  const bool use_tol = a.has_tol;
+  const EpsTable<T> eps{a.eps_table, a.S};
 
   FinArgs<T> fin{};
   fin.a = a.a;
-  fin.eps = a.eps;
-  fin.eps0 = a.eps0;
+  fin.eps = eps;
   fin.f0 = a.f0;
   fin.f = a.f;
   fin.fn = fn;
@@ -491,16 +479,15 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   fin.err = a.err;
   fin.alive = alive;
   fin.N = a.N;
-  fin.anneal_steps = a.anneal_steps;
+  fin.max_iter = a.max_iter;
   fin.tol = a.tol;
-  fin.use_tol = use_tol;
+  fin.has_tol = use_tol;
 
   ColArgs<T> col{};
   col.C = a.C;
   col.ha = ha;
   col.b = a.b;
-  col.eps = a.eps;
-  col.eps0 = a.eps0;
+  col.eps = eps;
   col.active = active;
   col.g = a.g;
   col.hg = hg;
@@ -517,11 +504,11 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   const int64_t row_blocks = (a.B * a.N + kColWarps - 1) / kColWarps;
 
   // g = col(f0) with eps_0; the first row pass also uses eps_0.
-  fin.es = step(0);
+  fin.t = 0;
   init_kernel<T, KM><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(fin);
   SK_TRY(cudaGetLastError());
-  col.cur = step(0);
-  col.next = step(0);
+  col.t = 0;
+  col.t_next = 0;
   col_kernel<T, VEC, KM><<<static_cast<unsigned>(col_blocks), kThreads, 0, stream>>>(col);
   SK_TRY(cudaGetLastError());
 
@@ -531,20 +518,17 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   const int64_t every = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(150.0 / iter_us)), 1, 32);
 
   for (int64_t t = 0;; ++t) {
-    const EpsStep es = step(t);
     row_kernel<T, VEC, KM><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
-        a.C, hg, a.eps, a.eps0, active, fn, a.B, a.N, a.M, es);
+        a.C, hg, eps, active, fn, a.B, a.N, a.M, t);
     SK_TRY(cudaGetLastError());
     const bool last = t == a.max_iter;
     fin.t = t;
-    fin.es = es;
     fin.check = use_tol || last;
-    fin.last = last;
     finalize_kernel<T, KM><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(fin);
     SK_TRY(cudaGetLastError());
     if (last) break;
-    col.cur = es;
-    col.next = step(t + 1);
+    col.t = t;
+    col.t_next = t + 1;
     col_kernel<T, VEC, KM><<<static_cast<unsigned>(col_blocks), kThreads, 0, stream>>>(col);
     SK_TRY(cudaGetLastError());
     if (use_tol && (t + 1) % every == 0) {

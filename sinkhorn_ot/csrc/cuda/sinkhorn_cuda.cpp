@@ -1,10 +1,12 @@
 // Torch glue of the CUDA backend: checks, allocation, dispatch, registration.
 //
-// Adds the CUDA implementation of the op `sinkhorn_ot::solve`, whose schema is declared
-// once by the CPU library (csrc/sinkhorn.cpp), which must be loaded first. The kernels
-// live in small_solver.cu (one launch per batch, C in shared memory) and large_solver.cu
+// Adds the CUDA implementations of the ops `sinkhorn_ot::solve` and
+// `sinkhorn_ot::solve_points`, whose schemas are declared once by the CPU library
+// (csrc/sinkhorn.cpp), which must be loaded first. The dense kernels live in
+// small_solver.cu (one launch per batch, C in shared memory) and large_solver.cu
 // (streaming row/column passes); SINKHORN_OT_CUDA_PATH=small|large forces one of them
-// (for tests and benchmarks), anything else lets the problem size decide.
+// (for tests and benchmarks), anything else lets the problem size decide. The
+// point-cloud kernels (cost computed on the fly) live in point_cloud_solver.cu.
 //
 // Only c10/cuda headers and the CUDA runtime: ATen/cuda/CUDAContext.h would pull in
 // cuBLAS/cuSPARSE headers, which minimal CUDA toolkits (nvcc + cudart) lack.
@@ -15,9 +17,10 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -50,59 +53,99 @@ sinkhorn_ot_cuda::DeviceInfo device_info(int device) {
   return info;
 }
 
-void check_input(const Tensor& t, const char* name, const Tensor& C,
+void check_input(const Tensor& t, const char* op, const char* name, const Tensor& ref,
                  std::initializer_list<int64_t> shape) {
-  TORCH_CHECK(t.device() == C.device(), "sinkhorn_ot.solve (CUDA): `", name, "` is on ",
-              t.device(), " but C is on ", C.device());
-  TORCH_CHECK(t.scalar_type() == C.scalar_type(), "sinkhorn_ot.solve (CUDA): `", name,
-              "` has dtype ", t.scalar_type(), " but C has ", C.scalar_type());
-  TORCH_CHECK(t.sizes().equals(shape), "sinkhorn_ot.solve (CUDA): `", name,
+  TORCH_CHECK(t.device() == ref.device(), "sinkhorn_ot.", op, " (CUDA): `", name, "` is on ",
+              t.device(), " but the problem is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "sinkhorn_ot.", op, " (CUDA): `", name,
+              "` has dtype ", t.scalar_type(), " but the problem has ", ref.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "sinkhorn_ot.", op, " (CUDA): `", name,
               "` must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(
-    const Tensor& C_in, const Tensor& a_in, const Tensor& b_in, const Tensor& eps_in,
-    const Tensor& f0_in, const Tensor& eps0_in, int64_t anneal_steps, double eps_scaling,
-    int64_t max_iter, double tol, int64_t method) {
+bool kernel_method(std::string_view method, const char* op) {
+  TORCH_CHECK(method == "log" || method == "kernel", "sinkhorn_ot.", op,
+              " (CUDA): method must be 'log' or 'kernel', got '", method, "'");
+  return method == "kernel";
+}
+
+// The loop inputs and outputs shared by both ops; `ref` is C or x (device, dtype).
+struct Loop {
+  Tensor a, b, f0, eps_table, f, g, n_iter, err;
+  int64_t B, N, M, S;
+};
+
+Loop prepare(const char* op, const Tensor& ref, int64_t B, int64_t N, int64_t M,
+             const Tensor& a_in, const Tensor& b_in, const Tensor& f0_in,
+             const Tensor& eps_table_in, int64_t max_iter, std::optional<double> tol) {
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble,
+              "sinkhorn_ot.", op, " (CUDA): inputs must be float32 or float64, got ",
+              ref.scalar_type());
+  TORCH_CHECK(max_iter >= 0, "sinkhorn_ot.", op, " (CUDA): max_iter must be >= 0, got ",
+              max_iter);
+  TORCH_CHECK(!tol.has_value() || *tol >= 0.0, "sinkhorn_ot.", op,
+              " (CUDA): tol must be >= 0 or None, got ", *tol);
+  TORCH_CHECK(eps_table_in.dim() == 2 && eps_table_in.size(0) == B && eps_table_in.size(1) >= 1,
+              "sinkhorn_ot.", op, " (CUDA): eps_table must be (B, S) with B = ", B,
+              " and S >= 1, got ", eps_table_in.sizes());
+  check_input(a_in, op, "a", ref, {B, N});
+  check_input(b_in, op, "b", ref, {B, M});
+  check_input(f0_in, op, "f0", ref, {B, N});
+  check_input(eps_table_in, op, "eps_table", ref, {B, eps_table_in.size(1)});
+  Loop l;
+  l.B = B;
+  l.N = N;
+  l.M = M;
+  l.S = eps_table_in.size(1);
+  l.a = a_in.contiguous();
+  l.b = b_in.contiguous();
+  l.f0 = f0_in.contiguous();
+  l.eps_table = eps_table_in.contiguous();
+  l.f = at::empty({B, N}, ref.options());
+  l.g = at::empty({B, M}, ref.options());
+  // Every problem's n_iter and err are written by the kernels (no fill launches).
+  l.n_iter = at::empty({B}, ref.options().dtype(at::kLong));
+  l.err = at::empty({B}, ref.options().dtype(at::kDouble));
+  return l;
+}
+
+template <typename T, typename Args>
+void fill_loop(Args& args, const Loop& l, int64_t max_iter, std::optional<double> tol,
+               bool km) {
+  args.a = l.a.data_ptr<T>();
+  args.b = l.b.data_ptr<T>();
+  args.f0 = l.f0.data_ptr<T>();
+  args.eps_table = l.eps_table.data_ptr<T>();
+  args.S = l.S;
+  args.B = l.B;
+  args.N = l.N;
+  args.M = l.M;
+  args.max_iter = max_iter;
+  args.has_tol = tol.has_value();
+  args.tol = tol.value_or(0.0);
+  args.kernel_method = km;
+  args.f = l.f.data_ptr<T>();
+  args.g = l.g.data_ptr<T>();
+  args.n_iter = l.n_iter.data_ptr<int64_t>();
+  args.err = l.err.data_ptr<double>();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(const Tensor& C_in, const Tensor& a,
+                                                      const Tensor& b, const Tensor& f0,
+                                                      const Tensor& eps_table, int64_t max_iter,
+                                                      std::optional<double> tol,
+                                                      c10::string_view method) {
   TORCH_CHECK(C_in.is_cuda(), "sinkhorn_ot.solve (CUDA): C must be a CUDA tensor");
   TORCH_CHECK(C_in.dim() == 3, "sinkhorn_ot.solve (CUDA): C must be (B, N, M), got ",
               C_in.sizes());
-  TORCH_CHECK(C_in.scalar_type() == at::kFloat || C_in.scalar_type() == at::kDouble,
-              "sinkhorn_ot.solve (CUDA): C must be float32 or float64, got ",
-              C_in.scalar_type());
-  TORCH_CHECK(method == 0 || method == 1, "sinkhorn_ot.solve (CUDA): method must be 0 (log) "
-              "or 1 (kernel), got ", method);
-  TORCH_CHECK(max_iter >= 0, "sinkhorn_ot.solve (CUDA): max_iter must be >= 0, got ", max_iter);
-  TORCH_CHECK(anneal_steps >= 0, "sinkhorn_ot.solve (CUDA): anneal_steps must be >= 0, got ",
-              anneal_steps);
+  const bool km = kernel_method(std::string_view(method.data(), method.size()), "solve");
   const int64_t B = C_in.size(0), N = C_in.size(1), M = C_in.size(2);
-  check_input(a_in, "a", C_in, {B, N});
-  check_input(b_in, "b", C_in, {B, M});
-  check_input(eps_in, "eps", C_in, {B});
-  check_input(f0_in, "f0", C_in, {B, N});
-  check_input(eps0_in, "eps0", C_in, {B});
-
   const c10::cuda::CUDAGuard guard(C_in.device());
-  const Tensor C = C_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
-  const Tensor eps = eps_in.contiguous(), f0 = f0_in.contiguous(), eps0 = eps0_in.contiguous();
-  Tensor f = at::empty({B, N}, C.options());
-  Tensor g = at::empty({B, M}, C.options());
-  // Every problem's n_iter and err are written by the kernels (no fill launches).
-  Tensor n_iter = at::empty({B}, C.options().dtype(at::kLong));
-  Tensor err = at::empty({B}, C.options().dtype(at::kDouble));
-  if (B == 0) return {f, g, n_iter, err};
+  Loop l = prepare("solve", C_in, B, N, M, a, b, f0, eps_table, max_iter, tol);
+  if (B == 0) return {l.f, l.g, l.n_iter, l.err};
   TORCH_CHECK(N > 0 && M > 0, "sinkhorn_ot.solve (CUDA): empty problems (N = ", N, ", M = ", M,
               ")");
-
-  // eps_scaling**t as Python computes it (C pow on doubles), on the host and the device.
-  std::vector<double> scales(static_cast<size_t>(anneal_steps));
-  for (int64_t t = 0; t < anneal_steps; ++t) scales[t] = std::pow(eps_scaling, static_cast<double>(t));
-  Tensor scales_dev;
-  if (anneal_steps > 0) {
-    scales_dev = at::from_blob(scales.data(), {anneal_steps}, at::TensorOptions().dtype(at::kDouble))
-                     .to(C.device(), /*non_blocking=*/false, /*copy=*/true);
-  }
-
+  const Tensor C = C_in.contiguous();
   const auto dev = device_info(C.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const char* forced = std::getenv("SINKHORN_OT_CUDA_PATH");
@@ -110,26 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_ot_solve_cuda", [&] {
     using T = scalar_t;
     sinkhorn_ot_cuda::SolveArgs<T> args;
+    fill_loop<T>(args, l, max_iter, tol, km);
     args.C = C.data_ptr<T>();
-    args.a = a.data_ptr<T>();
-    args.b = b.data_ptr<T>();
-    args.eps = eps.data_ptr<T>();
-    args.eps0 = eps0.data_ptr<T>();
-    args.f0 = f0.data_ptr<T>();
-    args.scales = anneal_steps > 0 ? scales_dev.data_ptr<double>() : nullptr;
-    args.host_scales = scales.data();
-    args.B = B;
-    args.N = N;
-    args.M = M;
-    args.anneal_steps = anneal_steps;
-    args.max_iter = max_iter;
-    args.tol = tol;
-    args.kernel_method = method == 1;
-    args.f = f.data_ptr<T>();
-    args.g = g.data_ptr<T>();
-    args.n_iter = n_iter.data_ptr<int64_t>();
-    args.err = err.data_ptr<double>();
-
     bool ok = true;
     const auto path = sinkhorn_ot_cuda::choose_path<T>(N, M, dev, forced, &ok);
     TORCH_CHECK(ok, "sinkhorn_ot.solve (CUDA): SINKHORN_OT_CUDA_PATH=small but a (", N, ", ", M,
@@ -144,9 +169,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(
     }
     TORCH_CHECK(st == cudaSuccess, "sinkhorn_ot.solve (CUDA) failed: ", cudaGetErrorString(st));
   });
-  return {f, g, n_iter, err};
+  return {l.f, l.g, l.n_iter, l.err};
+}
+
+sinkhorn_ot_cuda::Cost parse_cost(std::string_view cost) {
+  if (cost == "sqeuclidean") return sinkhorn_ot_cuda::Cost::SqEuclidean;
+  if (cost == "euclidean") return sinkhorn_ot_cuda::Cost::Euclidean;
+  TORCH_CHECK(cost == "cosine", "sinkhorn_ot.solve_points (CUDA): cost must be 'sqeuclidean', "
+              "'euclidean' or 'cosine', got '", cost, "'");
+  return sinkhorn_ot_cuda::Cost::Cosine;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
+    const Tensor& x_in, const Tensor& y_in, const Tensor& a, const Tensor& b, const Tensor& f0,
+    const Tensor& eps_table, int64_t max_iter, std::optional<double> tol,
+    c10::string_view method, c10::string_view cost, double cost_scale) {
+  TORCH_CHECK(x_in.is_cuda(), "sinkhorn_ot.solve_points (CUDA): x must be a CUDA tensor");
+  TORCH_CHECK(x_in.dim() == 3 && y_in.dim() == 3 && x_in.size(0) == y_in.size(0) &&
+                  x_in.size(2) == y_in.size(2),
+              "sinkhorn_ot.solve_points (CUDA): x and y must be (B, N, D) and (B, M, D), got ",
+              x_in.sizes(), " and ", y_in.sizes());
+  TORCH_CHECK(y_in.device() == x_in.device() && y_in.scalar_type() == x_in.scalar_type(),
+              "sinkhorn_ot.solve_points (CUDA): y must have the device and dtype of x");
+  const bool km = kernel_method(std::string_view(method.data(), method.size()), "solve_points");
+  const auto c = parse_cost(std::string_view(cost.data(), cost.size()));
+  const int64_t B = x_in.size(0), N = x_in.size(1), M = y_in.size(1), D = x_in.size(2);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  Loop l = prepare("solve_points", x_in, B, N, M, a, b, f0, eps_table, max_iter, tol);
+  if (B == 0) return {l.f, l.g, l.n_iter, l.err};
+  TORCH_CHECK(N > 0 && M > 0 && D > 0, "sinkhorn_ot.solve_points (CUDA): empty problems (N = ",
+              N, ", M = ", M, ", D = ", D, ")");
+  const Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const auto dev = device_info(x.get_device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_solve_points_cuda", [&] {
+    using T = scalar_t;
+    sinkhorn_ot_cuda::PointArgs<T> args;
+    fill_loop<T>(args, l, max_iter, tol, km);
+    args.x = x.data_ptr<T>();
+    args.y = y.data_ptr<T>();
+    args.D = D;
+    args.cost = c;
+    args.cost_scale = static_cast<T>(cost_scale);
+    const size_t bytes = sinkhorn_ot_cuda::points_workspace_bytes<T>(args, dev);
+    Tensor ws = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+    const cudaError_t st = sinkhorn_ot_cuda::solve_points<T>(args, dev, ws.data_ptr(), stream);
+    TORCH_CHECK(st == cudaSuccess, "sinkhorn_ot.solve_points (CUDA) failed: ",
+                cudaGetErrorString(st));
+  });
+  return {l.f, l.g, l.n_iter, l.err};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sinkhorn_ot, CUDA, m) { m.impl("solve", &solve_cuda); }
+TORCH_LIBRARY_IMPL(sinkhorn_ot, CUDA, m) {
+  m.impl("solve", &solve_cuda);
+  m.impl("solve_points", &solve_points_cuda);
+}

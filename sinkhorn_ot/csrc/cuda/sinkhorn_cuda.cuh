@@ -2,7 +2,8 @@
 // Named .cuh so that the wheel ships it (setup.cfg: csrc/cuda/*.cu, *.cuh, *.cpp).
 //
 // Plain C++ and the CUDA runtime only: no torch headers, so each kernel file can be
-// read and compiled on its own (`nvcc -c small_solver.cu`).
+// read and compiled on its own (`nvcc -c -I.. small_solver.cu`; the loop contract they
+// share is ../loop_rules.h).
 //
 // Semantics: the Sinkhorn loop of sinkhorn_ot/_loop.py::solve_potentials, exactly
 // (same iterates up to rounding, same stopping decisions, same n_iter, err in float64).
@@ -24,29 +25,42 @@ struct DeviceInfo {
   int max_threads_per_sm = 2048;
 };
 
+// The loop parameters shared by both ops.
 template <typename T>
-struct SolveArgs {
-  // Inputs.
-  const T* C = nullptr;     // (B, N, M)
-  const T* a = nullptr;     // (B, N), zeros = padding
-  const T* b = nullptr;     // (B, M)
-  const T* eps = nullptr;   // (B,)
-  const T* eps0 = nullptr;  // (B,) start of the annealing
-  const T* f0 = nullptr;    // (B, N)
-  // eps_scaling**t for t < anneal_steps, computed on the host (std::pow, like Python's
-  // float ** int), (anneal_steps,) float64 on the device; host_scales the same on the host.
-  const double* scales = nullptr;
-  const double* host_scales = nullptr;
+struct LoopArgs {
+  const T* a = nullptr;          // (B, N), zeros = padding
+  const T* b = nullptr;          // (B, M)
+  const T* f0 = nullptr;         // (B, N)
+  const T* eps_table = nullptr;  // (B, S): iteration t uses column min(t, S - 1)
+  int64_t S = 1;
   int64_t B = 0, N = 0, M = 0;
-  int64_t anneal_steps = 0;
   int64_t max_iter = 0;
-  double tol = -1.0;  // < 0: tol=None
+  bool has_tol = false;  // false: tol=None, exactly max_iter iterations
+  double tol = 0.0;
   bool kernel_method = false;
   // Outputs.
   T* f = nullptr;             // (B, N)
   T* g = nullptr;             // (B, M)
   int64_t* n_iter = nullptr;  // (B,)
   double* err = nullptr;      // (B,)
+};
+
+// solve: a dense cost.
+template <typename T>
+struct SolveArgs : LoopArgs<T> {
+  const T* C = nullptr;  // (B, N, M)
+};
+
+// solve_points: the cost cost_scale * c(x_i, y_j), computed on the fly.
+enum class Cost { SqEuclidean, Euclidean, Cosine };
+
+template <typename T>
+struct PointArgs : LoopArgs<T> {
+  const T* x = nullptr;  // (B, N, D)
+  const T* y = nullptr;  // (B, M, D)
+  int64_t D = 0;
+  Cost cost = Cost::SqEuclidean;
+  T cost_scale = T(1);
 };
 
 enum class Path { Small, Large };
@@ -70,5 +84,14 @@ cudaError_t solve_small(const SolveArgs<T>& args, const DeviceInfo& dev, cudaStr
 template <typename T>
 cudaError_t solve_large(const SolveArgs<T>& args, const DeviceInfo& dev, void* workspace,
                         cudaStream_t stream);
+
+// Point clouds (point_cloud_solver.cu): one launch per half-iteration (tiles of x and y
+// in shared memory, the cost computed on the fly), host loop as solve_large.
+template <typename T>
+size_t points_workspace_bytes(const PointArgs<T>& args, const DeviceInfo& dev);
+
+template <typename T>
+cudaError_t solve_points(const PointArgs<T>& args, const DeviceInfo& dev, void* workspace,
+                         cudaStream_t stream);
 
 }  // namespace sinkhorn_ot_cuda

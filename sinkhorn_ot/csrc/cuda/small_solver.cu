@@ -34,10 +34,8 @@ struct SmallParams {
   const T* C;
   const T* a;
   const T* b;
-  const T* eps;
-  const T* eps0;
   const T* f0;
-  const double* scales;
+  EpsTable<T> eps;
   T* f;
   T* g;
   int64_t* n_iter;
@@ -49,9 +47,9 @@ struct SmallParams {
   int RTr, RTc;  // threads along the outer index, row pass / column pass
   int part;      // entries of each partial buffer
   int group_bytes;
-  int64_t anneal_steps, max_iter;
+  int64_t max_iter;
   double tol;
-  bool use_tol;
+  bool has_tol;
 };
 
 template <bool WARP>
@@ -194,11 +192,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpProblemsPerBlock : 32 * kMaxW
   const double mass = group_sum<WARP>(mass_part, red, tid, nthr);
   group_sync<WARP>();
 
-  const T eps_b = p.eps[pb], eps0_b = p.eps0[pb];
-  auto eps_of = [&](int64_t t) -> T {
-    const bool ann = t < p.anneal_steps;
-    return eps_at(eps_b, eps0_b, ann, ann ? p.scales[t] : 0.0);
-  };
+  auto eps_of = [&](int64_t t) -> T { return p.eps.at(pb, t); };
 
   // g = col(f0) with eps_0.
   T e = eps_of(0);
@@ -219,14 +213,14 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpProblemsPerBlock : 32 * kMaxW
     lse_pass<T, KM, WARP>(Cs, S, 1, N, M, hv, k, e, fn, pm, ps, tid, nthr, p.RTr);
     group_sync<WARP>();
     const bool last = t == p.max_iter;
-    if (p.use_tol || last) {
+    if (p.has_tol || last) {
       double part = 0.0;
-      for (int i = tid; i < N; i += nthr) part += violation_term(av[i], f[i], fn[i], e);
+      for (int i = tid; i < N; i += nthr) part += rules::violation_term(av[i], f[i], fn[i], e);
       const double viol = group_sum<WARP>(part, red, tid, nthr) / mass;
       err = viol;
       // A non-finite violation stops the problem too: the torch loop raises there, and
       // the Python wrapper raises on the non-finite err this leaves.
-      if (last || !isfinite(viol) || (p.use_tol && t >= p.anneal_steps && viol <= p.tol)) break;
+      if (rules::should_stop(viol, p.has_tol, p.tol, t, p.eps.S, p.max_iter)) break;
     }
     // Commit: f = f_next, g = col(f).
     for (int i = tid; i < N; i += nthr) {
@@ -336,10 +330,8 @@ cudaError_t solve_small(const SolveArgs<T>& a, const DeviceInfo& dev, cudaStream
   p.C = a.C;
   p.a = a.a;
   p.b = a.b;
-  p.eps = a.eps;
-  p.eps0 = a.eps0;
   p.f0 = a.f0;
-  p.scales = a.scales;
+  p.eps = EpsTable<T>{a.eps_table, a.S};
   p.f = a.f;
   p.g = a.g;
   p.n_iter = a.n_iter;
@@ -353,10 +345,9 @@ cudaError_t solve_small(const SolveArgs<T>& a, const DeviceInfo& dev, cudaStream
   p.RTc = plan.RTc;
   p.part = plan.part;
   p.group_bytes = static_cast<int>(plan.group_bytes);
-  p.anneal_steps = a.anneal_steps;
   p.max_iter = a.max_iter;
   p.tol = a.tol;
-  p.use_tol = a.tol >= 0.0;
+  p.has_tol = a.has_tol;
   const size_t smem = static_cast<size_t>(plan.group_bytes) * plan.P;
   if (plan.warp) {
     const int64_t blocks = (a.B + plan.P - 1) / plan.P;

@@ -1,10 +1,12 @@
-// CPU emulation of the subset of CUDA the kernels in ../*.cu use, for tests without a GPU.
+// CPU emulation of the subset of CUDA the kernels in sinkhorn_ot/csrc/cuda/*.cu use, for
+// tests without a GPU. Test-only code: it lives under tests/ and is not shipped.
 //
-// NOT part of the extension (the loader compiles csrc/cuda/*.cu and *.cpp only). The test
-// tests/test_cuda.py::test_emulated_* compiles the kernel files as C++ with this directory
-// first on the include path (so `#include <cuda_runtime.h>` lands here), after rewriting
-// `k<<<grid, block, smem, stream>>>(args)` into `emu::launch(k, grid, block, smem, stream,
-// args)` and the `extern __shared__` declaration into `emu::dynamic_smem()`.
+// tests/test_cuda.py::test_emulated_* compiles the kernel files as C++20 with this
+// directory first on the include path (so `#include <cuda_runtime.h>` lands here), after
+// rewriting `k<<<grid, block, smem, stream>>>(args)` into `emu::launch(k, grid, block,
+// smem, stream, args)` and the `extern __shared__` declaration into `emu::dynamic_smem()`.
+// __CUDACC__ is not defined, so csrc/loop_rules.h's SINKHORN_OT_HD is empty; __host__ and
+// __device__ are empty macros here.
 //
 // Model: a launch runs its blocks one after another; a block runs blockDim.x std::threads
 // (a pool reused across blocks). __syncthreads / __syncwarp are std::barriers; a thread that
