@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._updates import safe_log
+from .geometry import DenseCost
 
 #: Largest min(N, M) solved by a dense batched factorisation; larger uses CG.
 DENSE_MAX = 512
@@ -81,8 +82,16 @@ class ImplicitPotentials(torch.autograd.Function):
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
         Q = fixed_point_kernel(C, a, b, eps, f, g)
-        lam_f, lam_g = adjoint(Q, a, b, grad_f, grad_g)
-        grads = parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, ctx.needs_input_grad[:4])
+        wanted = ctx.needs_input_grad[:4]
+        off = far_from_fixed_point(Q, a, b)  # (B,) bool
+        if bool(off.all()):
+            grads = last_half_step_grads(DenseCost(C), a, b, eps, f, grad_g, wanted)
+            return (*grads, None, None)
+        lam_f, lam_g = adjoint(Q, a, b, grad_f, grad_g, skip=off)
+        grads = parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, wanted)
+        if bool(off.any()):
+            fallback = last_half_step_grads(DenseCost(C), a, b, eps, f, grad_g, wanted)
+            grads = tuple(_merge_per_problem(off, g1, g2) for g1, g2 in zip(grads, fallback))
         return (*grads, None, None)
 
 
@@ -98,6 +107,72 @@ def fixed_point_kernel(C, a, b, eps, f, g):
     if not bool(both_padded.any()):
         return torch.exp(logits)
     return torch.where(both_padded, 0, torch.exp(torch.where(both_padded, 0, logits)))
+
+
+#: Relative L1 marginal violation of ``(f, g)`` beyond which the implicit function
+#: theorem's adjoint is not used (see :func:`far_from_fixed_point`).
+FIXED_POINT_SLACK = 1e-2
+
+
+def far_from_fixed_point(Q, a, b) -> torch.Tensor:
+    """``(B,)`` bool: problems whose ``(f, g)`` is far from a fixed point.
+
+    The implicit adjoint linearises the Sinkhorn maps at a fixed point, where the row
+    and column sums ``r = Q b``, ``c = Q^T a`` are 1. A solve that stopped far from it
+    (``max_iter`` too small, an annealing cut short) can have ``r`` of 1e30 on rows of
+    tiny weight, and its adjoint overflows. Such problems are flagged when their
+    violation exceeds :data:`FIXED_POINT_SLACK` or any sum is not finite.
+    """
+    r = torch.bmm(Q, b.unsqueeze(-1)).squeeze(-1)  # (B, N)
+    c = torch.bmm(a.unsqueeze(1), Q).squeeze(1)  # (B, M)
+    return _off_fixed_point(r, c, a, b)
+
+
+def _off_fixed_point(r, c, a, b) -> torch.Tensor:
+    gap = (a * (r - 1).abs()).sum(-1) + (b * (c - 1).abs()).sum(-1)
+    finite = torch.isfinite(r).all(-1) & torch.isfinite(c).all(-1)
+    return ~finite | ~(gap <= FIXED_POINT_SLACK * a.sum(-1))
+
+
+def last_half_step_grads(geometry, a, b, eps, f, grad_g, wanted, tensors=None):
+    """Gradients of the returned solution where the implicit adjoint does not apply.
+
+    The returned ``g`` is exactly ``col(f)``; these are the gradients of that last
+    half-step with ``f`` held fixed (always finite: the derivatives of a log-sum-exp are
+    softmax weights). ``grad_f`` does not propagate. Returns gradients for
+    ``(C or the points, a, b, eps)`` in the order of ``wanted`` (the geometry's tensors
+    first: ``C`` for a dense cost, ``x, y`` for a point cloud with ``tensors``).
+    """
+    from ._updates import safe_log
+
+    inputs = list(tensors) if tensors is not None else [geometry.C]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (*inputs, a, b, eps)]
+        *geo, a_l, b_l, eps_l = leaves
+        if tensors is None:
+            geom = type(geometry)(geo[0])
+        else:
+            geom = geometry.with_points(*geo)
+        step = geom.log_step(safe_log(a_l), safe_log(b_l), eps_l.unsqueeze(-1))
+        g_new = step.col(f.detach())
+        chosen = [t for t, w in zip(leaves, wanted) if w]
+        grads = torch.autograd.grad(g_new, chosen, grad_g, allow_unused=True) if chosen else ()
+    out, it = [], iter(grads)
+    for t, w in zip(leaves, wanted):
+        if not w:
+            out.append(None)
+            continue
+        grad = next(it)
+        out.append(torch.zeros_like(t) if grad is None else grad)
+    return tuple(out)
+
+
+def _merge_per_problem(off, regular, fallback):
+    """Per problem of the batch (dim 0): ``fallback`` where ``off``, else ``regular``."""
+    if regular is None:
+        return None
+    mask = off.view(-1, *([1] * (regular.dim() - 1)))
+    return torch.where(mask, fallback, torch.nan_to_num(regular))
 
 
 class _NoSecondOrder(torch.autograd.Function):
@@ -172,13 +247,20 @@ def parameter_grads(Q, C, a, b, eps, f, g, lam_f, lam_g, wanted):
     return grad_C, grad_a, grad_b, grad_eps
 
 
-def adjoint(Q, a, b, grad_f, grad_g):
+def adjoint(Q, a, b, grad_f, grad_g, skip=None):
     """Solve ``J^T λ = (grad_f, grad_g)`` at the fixed point; returns ``λ_f, λ_g``.
 
     Args:
         Q: ``exp((f_i + g_j - C_ij) / eps)``, ``(B, N, M)``.
         a, grad_f: ``(B, N)``; b, grad_g: ``(B, M)``.
+        skip: ``(B,)`` bool, problems whose system is replaced by the identity (their
+            λ is not used; see :func:`far_from_fixed_point`), or ``None``.
     """
+    if skip is not None and bool(skip.any()):
+        keep = ~skip.view(-1, 1, 1)
+        Q = torch.where(keep, Q, 0)  # a decoupled, well-posed system for skipped problems
+        grad_f = torch.where(keep[:, :, 0], grad_f, 0)
+        grad_g = torch.where(keep[:, :, 0], grad_g, 0)
     row_pad, col_pad = a == 0, b == 0
     # Padded rows/columns have identity rows in J^T: λ = x̄ there; move their
     # coupling to the right-hand side of the real equations.

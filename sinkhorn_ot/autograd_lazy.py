@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import _SECOND_ORDER, _schur_cg_products, fixed_point_kernel
+from .autograd import (
+    _SECOND_ORDER,
+    _merge_per_problem,
+    _off_fixed_point,
+    _schur_cg_products,
+    fixed_point_kernel,
+    last_half_step_grads,
+)
 
 
 class BlockQ:
@@ -31,14 +38,16 @@ class BlockQ:
         f: ``(B, N)``; g: ``(B, M)``; eps: ``(B,)``; a: ``(B, N)``; b: ``(B, M)``.
     """
 
-    def __init__(self, geometry, f, g, eps, a, b):
+    def __init__(self, geometry, f, g, eps, a, b, keep=None):
         self.geometry, self.f, self.g, self.a, self.b, self.eps = geometry, f, g, a, b, eps
+        self.keep = None if keep is None else keep.view(-1, 1, 1)  # (B,) problems kept
 
     def block(self, i0: int, i1: int, cost: torch.Tensor | None = None) -> torch.Tensor:
         """``Q[:, i0:i1]``, zero where both the row and the column are padding."""
         cost = self.geometry.cost_block(i0, i1) if cost is None else cost
         a, f = self.a[:, i0:i1], self.f[:, i0:i1]
-        return fixed_point_kernel(cost, a, self.b, self.eps, f, self.g)
+        Q = fixed_point_kernel(cost, a, self.b, self.eps, f, self.g)
+        return Q if self.keep is None else torch.where(self.keep, Q, 0)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """``Q v``: ``(B, M) -> (B, N)``."""
@@ -126,9 +135,20 @@ class ImplicitPointPotentials(torch.autograd.Function):
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
         Q = BlockQ(geometry, f, g, eps, a, b)
-        lam_f, lam_g = adjoint_products(Q, a, b, grad_f, grad_g)
         r = Q.mv(b)  # (B, N), about 1
         c = Q.rmv(a)  # (B, M)
+        off = _off_fixed_point(r, c, a, b)
+        wanted = (want_x, want_y, want_a, want_b, want_eps)
+        fallback = None
+        if bool(off.any()):  # solves that stopped far from a fixed point (autograd.py)
+            fallback = last_half_step_grads(geometry, a, b, eps, f, grad_g, wanted, tensors=(x, y))
+            keep = ~off
+            Q = BlockQ(geometry, f, g, eps, a, b, keep=keep)
+            r = torch.where(keep.unsqueeze(-1), r, 1)
+            c = torch.where(keep.unsqueeze(-1), c, 1)
+            grad_f = torch.where(keep.unsqueeze(-1), grad_f, 0)
+            grad_g = torch.where(keep.unsqueeze(-1), grad_g, 0)
+        lam_f, lam_g = adjoint_products(Q, a, b, grad_f, grad_g)
         u, v = lam_f / r, lam_g / c
         e = eps.unsqueeze(-1)
         grad_a = torch.where(a > 0, -e * Q.mv(v), 0) if want_a else None
@@ -159,6 +179,12 @@ class ImplicitPointPotentials(torch.autograd.Function):
         if want_eps:
             grad_eps = -(lam_f * (r.log() - row_mean / r / e)).sum(-1)
             grad_eps = grad_eps - (lam_g * (c.log() - col_mean / c / e)).sum(-1)
+        if fallback is not None:
+            merged = [
+                _merge_per_problem(off, regular, other)
+                for regular, other in zip((grad_x, grad_y, grad_a, grad_b, grad_eps), fallback)
+            ]
+            grad_x, grad_y, grad_a, grad_b, grad_eps = merged
         return None, grad_a, grad_b, grad_eps, None, None, grad_x, grad_y
 
 
