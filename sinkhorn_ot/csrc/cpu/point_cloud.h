@@ -1,0 +1,370 @@
+// Sinkhorn half-steps on point clouds: the cost cost_scale * c(x_i, y_j) is computed on
+// the fly from the points, so nothing of size N * M is ever stored (memory O((N + M) d)).
+// PointLogSteps and PointKernelSteps have the interface of the dense Steps of steps.h
+// (prepare, row, col, pad_rows, pad_cols), so the one sinkhorn_loop of loop.h runs them.
+//
+//   log:    f_i = -eps log sum_j exp((g_j + eps log b_j - C_ij) / eps), one-pass max-rescaled
+//           log-sum-exp as in softmin.h, one exponential per pair;
+//   kernel: f_i = -eps log sum_j exp(-C_ij / eps) v_j, no max shift: it underflows exactly
+//           like the dense kernel form (a 0 sum gives +inf, which the caller reports).
+//
+// The column half-step is the row half-step with the two clouds swapped. Each side is
+// kept row-major (the points whose potentials are computed, one at a time) and
+// transposed (d, n) (the points summed over, W consecutive ones per vector). The cost
+// of one point against a vector of points is a PointCost, a template per cost kind, so
+// the inner loop is branch-free:
+//
+//   sqeuclidean |x - y|^2, euclidean |x - y|, cosine 1 - <x, y> / (|x| |y|), norms
+//   floored at 1e-8 (as sinkhorn_ot.costs). Squared distances use direct differences
+//   for small d and |x|^2 + |y|^2 - 2 <x, y> (clamped at 0) for large d.
+//
+// Every output point is computed the same way whatever the split over threads.
+//
+// Pure kernel code: raw pointers, sizes, scalar type templates; no at::Tensor.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "kernel_form.h"
+#include "loop.h"
+#include "problem.h"
+#include "softmin.h"
+#include "steps.h"
+
+namespace sinkhorn_ot::cpu {
+
+enum class CostKind { kSqEuclidean, kEuclidean, kCosine };
+
+// Squared distances by direct differences up to this dimension, by dot products above.
+inline constexpr int64_t kMaxDiffDim = 8;
+
+// How the cost of a pair is computed from the coordinates.
+enum class Form {
+  kDiff,  // sum_t (q_t - p_t)^2
+  kDist,  // max(|p|^2 + |q|^2 - 2 <p, q>, 0)
+  kCos,   // 1 - <p, q>, of normalised points
+};
+
+// One side's points: `rows` (n, d) row-major, `cols` (d, n) the same transposed, `sq`
+// (n,) their squared norms |p|^2.
+template <typename T>
+struct Cloud {
+  const T* rows;
+  const T* cols;
+  const T* sq;
+  int64_t n;
+};
+
+template <Form F, bool kSqrt>
+struct PointCost {
+  // c[k] = c(p, q_{j + k W + lane}) for k < K, where p is one point (coordinates p,
+  // squared norm p_sq) and q the points of `q`; vector lanes are read through `load`
+  // (masked at the tail, where the lanes past the end read 0).
+  template <int K, typename T, typename Load>
+  static inline void tile(const T* p, T p_sq, const Cloud<T>& q, int64_t d, int64_t j,
+                          const Load& load, Vectorized<T>* c) {
+    using Vec = Vectorized<T>;
+    constexpr int64_t W = Vec::size();
+    for (int k = 0; k < K; ++k) c[k] = Vec(T(0));
+    const T* col = q.cols + j;
+    for (int64_t t = 0; t < d; ++t, col += q.n) {
+      const Vec pt(p[t]);
+      for (int k = 0; k < K; ++k) {
+        if constexpr (F == Form::kDiff) {
+          const Vec diff = load(col + k * W) - pt;
+          c[k] = at::vec::fmadd(diff, diff, c[k]);
+        } else {
+          c[k] = at::vec::fmadd(pt, load(col + k * W), c[k]);
+        }
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      if constexpr (F == Form::kDist) {
+        const Vec norms = Vec(p_sq) + load(q.sq + j + k * W);
+        c[k] = at::vec::clamp_min(norms - Vec(T(2)) * c[k], Vec(T(0)));
+      } else if constexpr (F == Form::kCos) {
+        c[k] = Vec(T(1)) - c[k];
+      }
+      if constexpr (kSqrt) c[k] = c[k].sqrt();
+    }
+  }
+};
+
+// Parts of the log-sum-exp over the m points of q of x_j = h_j - cs * c(p, q_j), m >= 1:
+// the maximum `top` and sum_j exp((x_j - top) / eps), as row_lse_parts of softmin.h.
+template <typename Cost, typename T>
+inline void point_lse_parts(const T* p, T p_sq, const Cloud<T>& q, int64_t d, const T* h,
+                            int64_t m, T cs, T scale, T& top, T& total) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vscale(scale), vcs(cs);
+  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
+  LseLanes<T> lanes;
+  auto term = [&](const Vec& x, const Vec& shift) {
+    return ExpTerm<T>::apply(at::vec::fmsub(x, vscale, shift));
+  };
+  auto tile = [&](int64_t j, bool first) {
+    Vec x[4];
+    Cost::template tile<4>(p, p_sq, q, d, j, full, x);
+    for (int k = 0; k < 4; ++k) x[k] = Vec::loadu(h + j + k * W) - vcs * x[k];
+    const Vec tile_max = fast_max(fast_max(x[0], x[1]), fast_max(x[2], x[3]));
+    if (first) {
+      lanes.max = fast_max(tile_max, Vec(kLowest<T>));  // finite: see LseLanes::shift()
+      lanes.sum = Vec(T(0));
+    } else {
+      lanes.cover(tile_max, vscale);
+    }
+    const Vec shift = lanes.shift(vscale);
+    lanes.sum += (term(x[0], shift) + term(x[1], shift)) + (term(x[2], shift) + term(x[3], shift));
+  };
+  auto single = [&](int64_t j, const Vec& x) {
+    if (j == 0) {
+      lanes.max = fast_max(x, Vec(kLowest<T>));
+      lanes.sum = Vec(T(0));
+    } else {
+      lanes.cover(x, vscale);
+    }
+    lanes.sum += term(x, lanes.shift(vscale));
+  };
+  int64_t j = 0;
+  if (m >= 4 * W) {
+    tile(0, true);
+    for (j = 4 * W; j + 4 * W <= m; j += 4 * W) tile(j, false);
+  }
+  for (; j + W <= m; j += W) {
+    Vec c;
+    Cost::template tile<1>(p, p_sq, q, d, j, full, &c);
+    single(j, Vec::loadu(h + j) - vcs * c);
+  }
+  if (j < m) {
+    const Lanes<T> tail(m - j);
+    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
+    Vec c;
+    Cost::template tile<1>(p, p_sq, q, d, j, masked, &c);
+    single(j, tail.fill(tail.load(h + j) - vcs * c, kMinusInf<T>));
+  }
+  top = reduce_max(lanes.max);
+  total = reduce_sum(lanes.sum * ExpTerm<T>::apply((lanes.max - Vec(top)) * vscale));
+}
+
+// sum over the m points of q of exp(-cs * c(p, q_j) / eps) v_j, the kernel formed as in
+// fill_kernel (kernel_form.h), so it underflows to the same zeros.
+template <typename Cost, typename T>
+inline T point_kernel_dot(const T* p, T p_sq, const Cloud<T>& q, int64_t d, const T* v,
+                          int64_t m, T cs, T eps) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vcs(cs), veps(eps);
+  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
+  auto kern = [&](const Vec& c) { return ((Vec(T(0)) - vcs * c) / veps).exp(); };
+  Vec s[4] = {Vec(T(0)), Vec(T(0)), Vec(T(0)), Vec(T(0))};
+  int64_t j = 0;
+  for (; j + 4 * W <= m; j += 4 * W) {
+    Vec c[4];
+    Cost::template tile<4>(p, p_sq, q, d, j, full, c);
+    for (int k = 0; k < 4; ++k) s[k] = at::vec::fmadd(kern(c[k]), Vec::loadu(v + j + k * W), s[k]);
+  }
+  for (; j + W <= m; j += W) {
+    Vec c;
+    Cost::template tile<1>(p, p_sq, q, d, j, full, &c);
+    s[0] = at::vec::fmadd(kern(c), Vec::loadu(v + j), s[0]);
+  }
+  if (j < m) {
+    const Lanes<T> tail(m - j);
+    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
+    Vec c;
+    Cost::template tile<1>(p, p_sq, q, d, j, masked, &c);
+    s[1] = at::vec::fmadd(tail.fill(kern(c), T(0)), tail.load(v + j), s[1]);
+  }
+  return reduce_sum((s[0] + s[1]) + (s[2] + s[3]));
+}
+
+// The two clouds of a problem and the cost's scale.
+template <typename T>
+struct Geometry {
+  Cloud<T> x, y;
+  int64_t d;
+  T cost_scale;
+};
+
+// One side's Cloud from its points (n, d) row-major: normalised (cosine) or not, the
+// transpose and the squared norms, in the workspace vectors given.
+template <typename T>
+inline Cloud<T> make_cloud(const T* pts, int64_t n, int64_t d, bool normalise,
+                           std::vector<T>& rows, std::vector<T>& cols, std::vector<T>& sq) {
+  const T* src = pts;
+  if (normalise) {
+    T* r = grow(rows, n * d);
+    for (int64_t i = 0; i < n; ++i) {
+      T norm2 = T(0);
+      for (int64_t t = 0; t < d; ++t) norm2 += pts[i * d + t] * pts[i * d + t];
+      const T norm = std::max(std::sqrt(norm2), T(1e-8));
+      for (int64_t t = 0; t < d; ++t) r[i * d + t] = pts[i * d + t] / norm;
+    }
+    src = r;
+  }
+  T* c = grow(cols, n * d);
+  T* s = grow(sq, n);
+  for (int64_t i = 0; i < n; ++i) {
+    T norm2 = T(0);
+    for (int64_t t = 0; t < d; ++t) {
+      const T v = src[i * d + t];
+      norm2 += v * v;
+      c[t * n + i] = v;
+    }
+    s[i] = norm2;
+  }
+  return Cloud<T>{src, c, s, n};
+}
+
+// Shared state of the two point-cloud half-step implementations.
+template <typename T, typename For>
+struct PointStepsBase {
+  const Problem<T>& p;
+  int64_t n_eff, m_eff;
+  Workspace<T>& ws;
+  const For& par;
+  Geometry<T> geo;
+  T eps = T(0);
+
+  // Output points per parallel chunk when each sums over `others` points.
+  int64_t grain(int64_t others) const {
+    const int64_t per_point = std::max<int64_t>(others, 1) * (1 + geo.d / 8);
+    return std::max<int64_t>(1, kGrainElements / per_point);
+  }
+};
+
+// Log-domain half-steps on point clouds.
+template <typename T, typename For, typename Cost>
+struct PointLogSteps : PointStepsBase<T, For> {
+  T scale = T(0);
+
+  void prepare(T e) {
+    this->eps = e;
+    scale = ExpTerm<T>::kScale / e;
+  }
+  // f[i] = row(g)_i for i in [i0, i1).
+  void row(const T* g, T* f, int64_t i0, int64_t i1) {
+    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f,
+         this->ws.row_top.data(), i0, i1);
+  }
+  // g[j] = col(f)_j for j in [j0, j1).
+  void col(const T* f, T* g, int64_t j0, int64_t j1) {
+    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g,
+         this->ws.col_max.data(), j0, j1);
+  }
+  void pad_rows(const T* g, T* f, T e) {
+    prepare(e);
+    row(g, f, this->n_eff, this->p.n);
+  }
+  void pad_cols(const T* f, T* g, T e) {
+    prepare(e);
+    col(f, g, this->m_eff, this->p.m);
+  }
+
+ private:
+  // out[r] = -eps log sum_{q < nq} exp((pot_q + eps log_w_q - C(r, q)) / eps) for the
+  // points r in [r0, r1) of `mine`, summing over the first nq points of `other`.
+  void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
+            int64_t nq, T* out, T* top, int64_t r0, int64_t r1) {
+    if (nq <= 0) {
+      for (int64_t r = r0; r < r1; ++r) out[r] = std::numeric_limits<T>::infinity();
+      return;
+    }
+    T* h = this->ws.shifted.data();
+    for (int64_t q = 0; q < nq; ++q) h[q] = pot[q] + this->eps * log_w[q];
+    const int64_t d = this->geo.d;
+    const T e = this->eps, s = scale, cs = this->geo.cost_scale;
+    this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
+      for (int64_t r = a0; r < a1; ++r) {
+        point_lse_parts<Cost>(mine.rows + r * d, mine.sq[r], other, d, h, nq, cs, s, top[r],
+                              out[r]);
+      }
+      finish_softmin(top, out, a0, a1, e);
+    });
+  }
+};
+
+// Kernel-form half-steps on point clouds: exp(-C / eps) on the fly, no max shift.
+template <typename T, typename For, typename Cost>
+struct PointKernelSteps : PointStepsBase<T, For> {
+  void prepare(T e) { this->eps = e; }
+  // f[i] = row(g)_i for i in [i0, i1).
+  void row(const T* g, T* f, int64_t i0, int64_t i1) {
+    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f, i0, i1);
+  }
+  // g[j] = col(f)_j for j in [j0, j1).
+  void col(const T* f, T* g, int64_t j0, int64_t j1) {
+    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g, j0, j1);
+  }
+  void pad_rows(const T* g, T* f, T e) {
+    prepare(e);
+    row(g, f, this->n_eff, this->p.n);
+  }
+  void pad_cols(const T* f, T* g, T e) {
+    prepare(e);
+    col(f, g, this->m_eff, this->p.m);
+  }
+
+ private:
+  // out[r] = -eps log sum_{q < nq} exp(-C(r, q) / eps) w_q exp(pot_q / eps) for the
+  // points r in [r0, r1) of `mine`.
+  void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
+            int64_t nq, T* out, int64_t r0, int64_t r1) {
+    T* v = this->ws.scal.data();
+    scalings(log_w, pot, nq, this->eps, v);
+    const int64_t d = this->geo.d;
+    const T e = this->eps, cs = this->geo.cost_scale;
+    this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
+      for (int64_t r = a0; r < a1; ++r) {
+        out[r] = point_kernel_dot<Cost>(mine.rows + r * d, mine.sq[r], other, d, v, nq, cs, e);
+      }
+      finish_neg_log(out, a0, a1, e);
+    });
+  }
+};
+
+// Calls fn(cost) with the PointCost object of `kind` for dimension d.
+template <typename F>
+inline auto with_point_cost(CostKind kind, int64_t d, const F& fn) {
+  const bool diff = d <= kMaxDiffDim;
+  switch (kind) {
+    case CostKind::kSqEuclidean:
+      return diff ? fn(PointCost<Form::kDiff, false>{}) : fn(PointCost<Form::kDist, false>{});
+    case CostKind::kEuclidean:
+      return diff ? fn(PointCost<Form::kDiff, true>{}) : fn(PointCost<Form::kDist, true>{});
+    case CostKind::kCosine:
+    default:
+      return fn(PointCost<Form::kCos, false>{});
+  }
+}
+
+// Solve one problem on the clouds x (n, d) and y (m, d) row-major: sizes, log weights,
+// the clouds' layouts, then the loop.
+template <typename T, typename For>
+Outcome solve_points_problem(const Problem<T>& p, const T* x, const T* y, int64_t d,
+                             CostKind kind, T cost_scale, const LoopSettings& s,
+                             Workspace<T>& ws, const For& par) {
+  const auto sizes = prepare_problem(p, ws);
+  const int64_t n_eff = sizes.first, m_eff = sizes.second;
+  const bool normalise = kind == CostKind::kCosine;
+  const Geometry<T> geo{make_cloud(x, p.n, d, normalise, ws.x_rows, ws.x_cols, ws.x_sq),
+                        make_cloud(y, p.m, d, normalise, ws.y_rows, ws.y_cols, ws.y_sq), d,
+                        cost_scale};
+  return with_point_cost(kind, d, [&](auto cost) {
+    using Cost = decltype(cost);
+    if (s.method == Method::kKernel) {
+      PointKernelSteps<T, For, Cost> steps{{p, n_eff, m_eff, ws, par, geo}};
+      return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
+    }
+    PointLogSteps<T, For, Cost> steps{{p, n_eff, m_eff, ws, par, geo}};
+    return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
+  });
+}
+
+}  // namespace sinkhorn_ot::cpu
