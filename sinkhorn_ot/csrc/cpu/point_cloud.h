@@ -10,7 +10,8 @@
 //
 // The column half-step is the row half-step with the two clouds swapped. Each side is
 // kept row-major (the points whose potentials are computed, one at a time) and
-// transposed (d, n) (the points summed over, W consecutive ones per vector). The cost
+// packed coordinate-major in panels of 4 vectors (the points summed over, W
+// consecutive ones per vector, a tile's coordinates contiguous in memory). The cost
 // of one point against a vector of points is a PointCost, a template per cost kind, so
 // the inner loop is branch-free:
 //
@@ -50,8 +51,14 @@ enum class Form {
   kCos,   // 1 - <p, q>, of normalised points
 };
 
-// One side's points: `rows` (n, d) row-major, `cols` (d, n) the same transposed, `sq`
-// (n,) their squared norms |p|^2.
+// Points per panel of the packed layout: one tile of 4 vectors.
+template <typename T>
+inline constexpr int64_t kPanel = 4 * Vectorized<T>::size();
+
+// One side's points: `rows` (n, d) row-major; `cols` the same packed in panels of
+// kPanel points, coordinate-major within a panel (point j, coordinate t at
+// (j / P) * P * d + t * P + j % P, zero-filled up to whole panels), so that a tile
+// reads its coordinates contiguously; `sq` (n,) their squared norms |p|^2.
 template <typename T>
 struct Cloud {
   const T* rows;
@@ -59,6 +66,13 @@ struct Cloud {
   const T* sq;
   int64_t n;
 };
+
+// Offset of point j (a multiple of the vector width), coordinate 0, in Cloud::cols.
+template <typename T>
+inline int64_t panel_offset(int64_t j, int64_t d) {
+  constexpr int64_t P = kPanel<T>;
+  return (j / P) * P * d + j % P;
+}
 
 template <Form F, bool kSqrt>
 struct PointCost {
@@ -71,8 +85,8 @@ struct PointCost {
     using Vec = Vectorized<T>;
     constexpr int64_t W = Vec::size();
     for (int k = 0; k < K; ++k) c[k] = Vec(T(0));
-    const T* col = q.cols + j;
-    for (int64_t t = 0; t < d; ++t, col += q.n) {
+    const T* col = q.cols + panel_offset<T>(j, d);
+    for (int64_t t = 0; t < d; ++t, col += kPanel<T>) {
       const Vec pt(p[t]);
       for (int k = 0; k < K; ++k) {
         if constexpr (F == Form::kDiff) {
@@ -208,14 +222,18 @@ inline Cloud<T> make_cloud(const T* pts, int64_t n, int64_t d, bool normalise,
     }
     src = r;
   }
-  T* c = grow(cols, n * d);
+  constexpr int64_t P = kPanel<T>;
+  const int64_t packed = (n + P - 1) / P * P * d;
+  T* c = grow(cols, packed);
+  std::fill(c, c + packed, T(0));
   T* s = grow(sq, n);
   for (int64_t i = 0; i < n; ++i) {
     T norm2 = T(0);
+    T* dst = c + (i / P) * P * d + i % P;
     for (int64_t t = 0; t < d; ++t) {
       const T v = src[i * d + t];
       norm2 += v * v;
-      c[t * n + i] = v;
+      dst[t * P] = v;
     }
     s[i] = norm2;
   }
