@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -76,74 +77,89 @@ inline int64_t panel_offset(int64_t j, int64_t d) {
 
 template <Form F, bool kSqrt>
 struct PointCost {
-  // c[k] = c(p, q_{j + k W + lane}) for k < K, where p is one point (coordinates p,
-  // squared norm p_sq) and q the points of `q`; vector lanes are read through `load`
-  // (masked at the tail, where the lanes past the end read 0).
-  template <int K, typename T, typename Load>
-  static inline void tile(const T* p, T p_sq, const Cloud<T>& q, int64_t d, int64_t j,
-                          const Load& load, Vectorized<T>* c) {
+  // c[r][k] = c(p_r, q_{j + k W + lane}) for r < R, k < K, where p_r is one point
+  // (coordinates p[r], squared norm p_sq[r]) and q the points of `q`; vector lanes are
+  // read through `load` (masked at the tail, where the lanes past the end read 0). Each
+  // (r, k) entry sees the same operations whatever R: R rows only share the loads.
+  template <int R, int K, typename T, typename Load>
+  static inline void tile(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                          int64_t j, const Load& load, Vectorized<T> (*c)[K]) {
     using Vec = Vectorized<T>;
     constexpr int64_t W = Vec::size();
-    for (int k = 0; k < K; ++k) c[k] = Vec(T(0));
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < K; ++k) c[r][k] = Vec(T(0));
+    }
     const T* col = q.cols + panel_offset<T>(j, d);
     for (int64_t t = 0; t < d; ++t, col += kPanel<T>) {
-      const Vec pt(p[t]);
-      for (int k = 0; k < K; ++k) {
-        if constexpr (F == Form::kDiff) {
-          const Vec diff = load(col + k * W) - pt;
-          c[k] = at::vec::fmadd(diff, diff, c[k]);
-        } else {
-          c[k] = at::vec::fmadd(pt, load(col + k * W), c[k]);
+      Vec qv[K];
+      for (int k = 0; k < K; ++k) qv[k] = load(col + k * W);
+      for (int r = 0; r < R; ++r) {
+        const Vec pt(p[r][t]);
+        for (int k = 0; k < K; ++k) {
+          if constexpr (F == Form::kDiff) {
+            const Vec diff = qv[k] - pt;
+            c[r][k] = at::vec::fmadd(diff, diff, c[r][k]);
+          } else {
+            c[r][k] = at::vec::fmadd(pt, qv[k], c[r][k]);
+          }
         }
       }
     }
-    for (int k = 0; k < K; ++k) {
-      if constexpr (F == Form::kDist) {
-        const Vec norms = Vec(p_sq) + load(q.sq + j + k * W);
-        c[k] = at::vec::clamp_min(norms - Vec(T(2)) * c[k], Vec(T(0)));
-      } else if constexpr (F == Form::kCos) {
-        c[k] = Vec(T(1)) - c[k];
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < K; ++k) {
+        if constexpr (F == Form::kDist) {
+          const Vec norms = Vec(p_sq[r]) + load(q.sq + j + k * W);
+          c[r][k] = at::vec::clamp_min(norms - Vec(T(2)) * c[r][k], Vec(T(0)));
+        } else if constexpr (F == Form::kCos) {
+          c[r][k] = Vec(T(1)) - c[r][k];
+        }
+        if constexpr (kSqrt) c[r][k] = c[r][k].sqrt();
       }
-      if constexpr (kSqrt) c[k] = c[k].sqrt();
     }
   }
 };
 
-// Parts of the log-sum-exp over the m points of q of x_j = h_j - cs * c(p, q_j), m >= 1:
-// the maximum `top` and sum_j exp((x_j - top) / eps), as row_lse_parts of softmin.h.
-template <typename Cost, typename T>
-inline void point_lse_parts(const T* p, T p_sq, const Cloud<T>& q, int64_t d, const T* h,
-                            int64_t m, T cs, T scale, T& top, T& total) {
+// For each of R points p_r: the parts of the log-sum-exp over the m points of q of
+// x_j = h_j - cs * c(p_r, q_j), m >= 1: the maximum top[r] and sum_j exp((x_j - top) /
+// eps) in total[r], as row_lse_parts of softmin.h. R points share the loads of q.
+template <typename Cost, int R, typename T>
+inline void point_lse_parts(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                            const T* h, int64_t m, T cs, T scale, T* top, T* total) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vscale(scale), vcs(cs);
   const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
-  LseLanes<T> lanes;
+  LseLanes<T> lanes[R];
   auto term = [&](const Vec& x, const Vec& shift) {
     return ExpTerm<T>::apply(at::vec::fmsub(x, vscale, shift));
   };
   auto tile = [&](int64_t j, bool first) {
-    Vec x[4];
-    Cost::template tile<4>(p, p_sq, q, d, j, full, x);
-    for (int k = 0; k < 4; ++k) x[k] = Vec::loadu(h + j + k * W) - vcs * x[k];
-    const Vec tile_max = fast_max(fast_max(x[0], x[1]), fast_max(x[2], x[3]));
-    if (first) {
-      lanes.max = fast_max(tile_max, Vec(kLowest<T>));  // finite: see LseLanes::shift()
-      lanes.sum = Vec(T(0));
-    } else {
-      lanes.cover(tile_max, vscale);
+    Vec x[R][4];
+    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, x);
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < 4; ++k) x[r][k] = Vec::loadu(h + j + k * W) - vcs * x[r][k];
+      const Vec tile_max = fast_max(fast_max(x[r][0], x[r][1]), fast_max(x[r][2], x[r][3]));
+      if (first) {
+        lanes[r].max = fast_max(tile_max, Vec(kLowest<T>));  // finite: see LseLanes::shift()
+        lanes[r].sum = Vec(T(0));
+      } else {
+        lanes[r].cover(tile_max, vscale);
+      }
+      const Vec shift = lanes[r].shift(vscale);
+      lanes[r].sum += (term(x[r][0], shift) + term(x[r][1], shift)) +
+                      (term(x[r][2], shift) + term(x[r][3], shift));
     }
-    const Vec shift = lanes.shift(vscale);
-    lanes.sum += (term(x[0], shift) + term(x[1], shift)) + (term(x[2], shift) + term(x[3], shift));
   };
-  auto single = [&](int64_t j, const Vec& x) {
-    if (j == 0) {
-      lanes.max = fast_max(x, Vec(kLowest<T>));
-      lanes.sum = Vec(T(0));
-    } else {
-      lanes.cover(x, vscale);
+  auto single = [&](int64_t j, Vec* x) {
+    for (int r = 0; r < R; ++r) {
+      if (j == 0) {
+        lanes[r].max = fast_max(x[r], Vec(kLowest<T>));
+        lanes[r].sum = Vec(T(0));
+      } else {
+        lanes[r].cover(x[r], vscale);
+      }
+      lanes[r].sum += term(x[r], lanes[r].shift(vscale));
     }
-    lanes.sum += term(x, lanes.shift(vscale));
   };
   int64_t j = 0;
   if (m >= 4 * W) {
@@ -151,51 +167,76 @@ inline void point_lse_parts(const T* p, T p_sq, const Cloud<T>& q, int64_t d, co
     for (j = 4 * W; j + 4 * W <= m; j += 4 * W) tile(j, false);
   }
   for (; j + W <= m; j += W) {
-    Vec c;
-    Cost::template tile<1>(p, p_sq, q, d, j, full, &c);
-    single(j, Vec::loadu(h + j) - vcs * c);
+    Vec c[R][1], x[R];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
+    for (int r = 0; r < R; ++r) x[r] = Vec::loadu(h + j) - vcs * c[r][0];
+    single(j, x);
   }
   if (j < m) {
     const Lanes<T> tail(m - j);
     const auto masked = [&](const T* ptr) { return tail.load(ptr); };
-    Vec c;
-    Cost::template tile<1>(p, p_sq, q, d, j, masked, &c);
-    single(j, tail.fill(tail.load(h + j) - vcs * c, kMinusInf<T>));
+    Vec c[R][1], x[R];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
+    for (int r = 0; r < R; ++r) x[r] = tail.fill(tail.load(h + j) - vcs * c[r][0], kMinusInf<T>);
+    single(j, x);
   }
-  top = reduce_max(lanes.max);
-  total = reduce_sum(lanes.sum * ExpTerm<T>::apply((lanes.max - Vec(top)) * vscale));
+  for (int r = 0; r < R; ++r) {
+    top[r] = reduce_max(lanes[r].max);
+    total[r] =
+        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(top[r])) * vscale));
+  }
 }
 
-// sum over the m points of q of exp(-cs * c(p, q_j) / eps) v_j, the kernel formed as in
-// fill_kernel (kernel_form.h), so it underflows to the same zeros.
-template <typename Cost, typename T>
-inline T point_kernel_dot(const T* p, T p_sq, const Cloud<T>& q, int64_t d, const T* v,
-                          int64_t m, T cs, T eps) {
+// For each of R points p_r: sum over the m points of q of exp(-cs * c(p_r, q_j) / eps) v_j
+// into out[r], the kernel formed as in fill_kernel (kernel_form.h), so it underflows to
+// the same zeros. R points share the loads of q.
+template <typename Cost, int R, typename T>
+inline void point_kernel_dot(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                             const T* v, int64_t m, T cs, T eps, T* out) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec vcs(cs), veps(eps);
   const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
   auto kern = [&](const Vec& c) { return ((Vec(T(0)) - vcs * c) / veps).exp(); };
-  Vec s[4] = {Vec(T(0)), Vec(T(0)), Vec(T(0)), Vec(T(0))};
+  Vec s[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < 4; ++k) s[r][k] = Vec(T(0));
+  }
   int64_t j = 0;
   for (; j + 4 * W <= m; j += 4 * W) {
-    Vec c[4];
-    Cost::template tile<4>(p, p_sq, q, d, j, full, c);
-    for (int k = 0; k < 4; ++k) s[k] = at::vec::fmadd(kern(c[k]), Vec::loadu(v + j + k * W), s[k]);
+    Vec c[R][4];
+    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, c);
+    for (int k = 0; k < 4; ++k) {
+      const Vec vk = Vec::loadu(v + j + k * W);
+      for (int r = 0; r < R; ++r) s[r][k] = at::vec::fmadd(kern(c[r][k]), vk, s[r][k]);
+    }
   }
   for (; j + W <= m; j += W) {
-    Vec c;
-    Cost::template tile<1>(p, p_sq, q, d, j, full, &c);
-    s[0] = at::vec::fmadd(kern(c), Vec::loadu(v + j), s[0]);
+    Vec c[R][1];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
+    const Vec vj = Vec::loadu(v + j);
+    for (int r = 0; r < R; ++r) s[r][0] = at::vec::fmadd(kern(c[r][0]), vj, s[r][0]);
   }
   if (j < m) {
     const Lanes<T> tail(m - j);
     const auto masked = [&](const T* ptr) { return tail.load(ptr); };
-    Vec c;
-    Cost::template tile<1>(p, p_sq, q, d, j, masked, &c);
-    s[1] = at::vec::fmadd(tail.fill(kern(c), T(0)), tail.load(v + j), s[1]);
+    Vec c[R][1];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
+    const Vec vj = tail.load(v + j);
+    for (int r = 0; r < R; ++r) {
+      s[r][1] = at::vec::fmadd(tail.fill(kern(c[r][0]), T(0)), vj, s[r][1]);
+    }
   }
-  return reduce_sum((s[0] + s[1]) + (s[2] + s[3]));
+  for (int r = 0; r < R; ++r) out[r] = reduce_sum((s[r][0] + s[r][1]) + (s[r][2] + s[r][3]));
+}
+
+// Runs fn(rows_tag, r) over the points r in [r0, r1), two at a time (rows_tag an
+// integral_constant of the count), so that two points share the loads of the other side.
+template <typename F>
+inline void for_point_pairs(int64_t r0, int64_t r1, const F& fn) {
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) fn(std::integral_constant<int, 2>{}, r);
+  if (r < r1) fn(std::integral_constant<int, 1>{}, r);
 }
 
 // The two clouds of a problem and the cost's scale.
@@ -299,10 +340,12 @@ struct PointLogSteps : PointStepsBase<T, For> {
     const int64_t d = this->geo.d;
     const T e = this->eps, s = scale, cs = this->geo.cost_scale;
     this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
-      for (int64_t r = a0; r < a1; ++r) {
-        point_lse_parts<Cost>(mine.rows + r * d, mine.sq[r], other, d, h, nq, cs, s, top[r],
-                              out[r]);
-      }
+      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+        constexpr int R = decltype(rows_tag)::value;
+        const T* pts[R];
+        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
+        point_lse_parts<Cost, R>(pts, mine.sq + r, other, d, h, nq, cs, s, top + r, out + r);
+      });
       finish_softmin(top, out, a0, a1, e);
     });
   }
@@ -339,9 +382,12 @@ struct PointKernelSteps : PointStepsBase<T, For> {
     const int64_t d = this->geo.d;
     const T e = this->eps, cs = this->geo.cost_scale;
     this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
-      for (int64_t r = a0; r < a1; ++r) {
-        out[r] = point_kernel_dot<Cost>(mine.rows + r * d, mine.sq[r], other, d, v, nq, cs, e);
-      }
+      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+        constexpr int R = decltype(rows_tag)::value;
+        const T* pts[R];
+        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
+        point_kernel_dot<Cost, R>(pts, mine.sq + r, other, d, v, nq, cs, e, out + r);
+      });
       finish_neg_log(out, a0, a1, e);
     });
   }
