@@ -546,7 +546,7 @@ def test_kernel_headers_compile_on_their_own(tmp_path):
 _GENERIC_CHECK = """
 import sys, torch
 from torch.utils.cpp_extension import load
-from sinkhorn_ot import native
+from sinkhorn_ot import costs, native
 from sinkhorn_ot._loop import solve_potentials
 from sinkhorn_ot.testing import random_problem
 load(name="sinkhorn_ot_cpu_generic", sources=native.cpu_sources(), extra_cflags=["-O2"],
@@ -566,6 +566,26 @@ for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
             for x, y in zip(ref[:2], out[:2]):
                 rel = float((x - y).abs().max()) / max(1.0, float(x.abs().max()))
                 assert rel <= rtol, (dtype, shape, method, rel)
+    for cost in ("sqeuclidean", "euclidean", "cosine"):
+        for d in (3, 17):
+            x = torch.rand(2, 37, d, dtype=dtype)
+            y = torch.rand(2, 21, d, dtype=dtype)
+            a = torch.full((2, 37), 1 / 37, dtype=dtype)
+            b = torch.full((2, 21), 1 / 21, dtype=dtype)
+            b[:, -3:] = 0
+            b = b / b.sum(-1, keepdim=True)
+            C = getattr(costs, cost)(x, y)
+            eps = 0.1 * C.amax(dim=(1, 2))
+            f0 = torch.zeros_like(a)
+            for method in ("log", "kernel"):
+                ref = solve_potentials(C, a, b, eps, f0, max_iter=30, tol=1e-4, method=method)
+                out = torch.ops.sinkhorn_ot.solve_points(
+                    x, y, a, b, f0, eps[:, None], 30, 1e-4, method, cost, 1.0
+                )
+                assert torch.equal(ref[2], out[2]), (ref[2], out[2])
+                for p, q in zip(ref[:2], out[:2]):
+                    rel = float((p - q).abs().max()) / max(1.0, float(p.abs().max()))
+                    assert rel <= 100 * rtol, (dtype, cost, d, method, rel)
 print("generic ok")
 """
 
