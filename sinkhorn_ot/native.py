@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
+from ._build import CSRC as CSRC  # not public, kept importable here (tests, tools)
+from ._build import CUDA_ARCH_FLAGS as CUDA_ARCH_FLAGS
+from ._build import ENV_SWITCH as ENV_SWITCH
 from ._build import (
-    CSRC,
-    CUDA_ARCH_FLAGS,
-    ENV_SWITCH,
     availability,
     build,
     cpu_compile_flags,
@@ -54,9 +54,6 @@ __all__ = [
     "info_lines",
     "solve_potentials",
 ]
-
-# Not public, but kept importable from here (tests and tools read them).
-_ = (CSRC, CUDA_ARCH_FLAGS, ENV_SWITCH)
 
 
 def solve_potentials(
