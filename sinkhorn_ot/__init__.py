@@ -15,13 +15,15 @@ from .geometry import DenseCost, Geometry, PointCloud
 from .padding import pad_batch
 from .plan import LazyPlan
 from .result import SinkhornResult
-from .solver import SinkhornConvergenceWarning, sinkhorn
+from .errors import ImplicitGradientError, SinkhornConvergenceWarning
+from .solver import sinkhorn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseCost",
     "EMDResult",
+    "ImplicitGradientError",
     "Geometry",
     "KernelUnderflowError",
     "LazyPlan",

@@ -16,10 +16,8 @@ from __future__ import annotations
 import torch
 
 from ._updates import row_violation, safe_log
-
-
-class KernelUnderflowError(FloatingPointError):
-    """Kernel-form iterations produced a non-finite potential (exp underflow)."""
+from .errors import KernelUnderflowError  # noqa: F401  (re-exported: its old home)
+from .errors import raise_non_finite as _raise_non_finite
 
 
 def eps_schedule(
@@ -204,16 +202,3 @@ def solve(
     if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())):
         _raise_non_finite(method)
     return f, g, n_iter, err
-
-
-def _raise_non_finite(method: str) -> None:
-    if method == "kernel":
-        raise KernelUnderflowError(
-            "kernel-form Sinkhorn underflowed: exp(-C / eps) or a scaling vanished, giving "
-            "non-finite potentials. Use method='log' (stable for any eps), a larger `eps`, "
-            "or method='auto' to fall back automatically."
-        )
-    raise FloatingPointError(
-        "log-domain Sinkhorn produced non-finite potentials; check `C`, `a`, `b` and `eps` "
-        "for extreme values"
-    )

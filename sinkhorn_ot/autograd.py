@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._updates import safe_log
+from .errors import ImplicitGradientError
 from .geometry import DenseCost
 
 #: Largest min(N, M) solved by a dense batched factorisation; larger uses CG.
@@ -47,10 +48,6 @@ _NON_FINITE_ADJOINT = (
     "forward solve did not converge at a small eps (the plan of unconverged potentials "
     "overflows). Raise max_iter, raise eps, use eps_scaling, or use grad='envelope'"
 )
-
-
-class ImplicitGradientError(FloatingPointError):
-    """The implicit backward cannot be computed (non-finite adjoint system)."""
 
 
 _SECOND_ORDER = (
@@ -386,7 +383,8 @@ def implicit_potentials(geometry, a, b, eps, f, g):
     A dense cost uses the dense adjoint (:class:`ImplicitPotentials`); a point cloud
     the matrix-free one (:class:`sinkhorn_ot.autograd_lazy.ImplicitPointPotentials`).
     """
-    from .geometry import DenseCost
+    from .errors import ImplicitGradientError
+from .geometry import DenseCost
 
     if isinstance(geometry, DenseCost):
         return ImplicitPotentials.apply(geometry.C, a, b, eps, f, g)
@@ -408,7 +406,8 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
     For a point cloud, ``dV/dC = P`` reaches the points through
     :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan).
     """
-    from .geometry import DenseCost
+    from .errors import ImplicitGradientError
+from .geometry import DenseCost
 
     if isinstance(geometry, DenseCost):
         C = geometry.C

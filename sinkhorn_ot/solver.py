@@ -7,18 +7,15 @@ import warnings
 
 import torch
 
+from . import _build, ops
 from . import _validation as v
-from . import native
 from ._loop import KernelUnderflowError, eps_table, solve
 from ._updates import log_plan, safe_log
 from .autograd import envelope_value, implicit_potentials
+from .errors import SinkhornConvergenceWarning
 from .geometry import DenseCost, Geometry
 from .plan import LazyPlan
 from .result import SinkhornResult
-
-
-class SinkhornConvergenceWarning(UserWarning):
-    """Some problems of a batch did not reach ``tol`` within ``max_iter`` iterations."""
 
 
 #: ``method="auto"`` uses the kernel form only while ``max |C| / eps`` stays below this,
@@ -209,7 +206,7 @@ def _mask_padding_gradient(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 def _select_backend(backend: str, geometry, grad: str) -> str:
     if backend == "torch":
         return "torch"
-    ok, reason = native.availability(geometry.device, geometry.dtype)
+    ok, reason = _build.availability(geometry.device, geometry.dtype)
     if backend == "native":
         if not ok:
             raise RuntimeError(f"backend='native' is not available: {reason}")
@@ -233,8 +230,12 @@ def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, .
 
 def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
     if backend == "native":
-        # TEMPORARY until the ops module lands: the old dense wrapper.
-        raise NotImplementedError("native backend being rewired")
+        settings = {"max_iter": max_iter, "tol": tol, "method": method}
+        if isinstance(geometry, DenseCost):
+            return ops.solve_dense(geometry.C, a, b, f0, table, **settings)
+        x, y = (t.detach().contiguous() for t in geometry.centred_points())
+        cost = {"cost": geometry.cost, "cost_scale": geometry.cost_scale}
+        return ops.solve_points(x, y, a, b, f0, table, **settings, **cost)
     return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
 
 

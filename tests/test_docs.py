@@ -197,7 +197,12 @@ def _modules() -> list[str]:
 def test_docstring_examples(module_name: str):
     """``pytest --doctest-modules sinkhorn_ot``, one test per module."""
     module = importlib.import_module(module_name)
-    if module_name in ("sinkhorn_ot.native", "sinkhorn_ot.__main__"):  # they build it
+    if module_name in (  # they build it
+        "sinkhorn_ot.native",
+        "sinkhorn_ot.__main__",
+        "sinkhorn_ot._build",
+        "sinkhorn_ot.ops",
+    ):
         ok, reason = native.availability(torch.device("cpu"), torch.float64)
         if not ok and os.environ.get("SINKHORN_OT_REQUIRE_NATIVE") != "1":
             pytest.skip(f"native-cpu unavailable: {reason}")

@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from sinkhorn_ot import KernelUnderflowError, native, pad_batch, sinkhorn
+from sinkhorn_ot import KernelUnderflowError, _build, native, ops, pad_batch, sinkhorn
+from sinkhorn_ot._loop import eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
 from sinkhorn_ot.testing import random_problem
 
@@ -276,52 +277,72 @@ def test_native_matches_pot_log_sinkhorn():
 # --- the op itself -------------------------------------------------------------------
 
 
-def op_args(dtype, method=0, tol=1e-6, anneal=0, scaling=0.0):
+def op_args(dtype, method="log", tol=1e-6, scaling=None):
     C, a, b, eps = problem(3, 6, 5, dtype, seed=12)
-    return (C, a, b, eps, default_f0(a, eps), eps.clone(), anneal, scaling, 50, tol, method)
+    table = eps_table(eps, C.abs().amax(dim=(1, 2)), scaling)
+    return (C, a, b, default_f0(a, eps), table, 50, tol, method)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", [0, 1])
+@pytest.mark.parametrize("method", METHODS)
 def test_opcheck(dtype, method):
     torch.library.opcheck(torch.ops.sinkhorn_ot.solve.default, op_args(dtype, method))
-    torch.library.opcheck(
-        torch.ops.sinkhorn_ot.solve.default, op_args(dtype, method, tol=-1.0, anneal=3, scaling=0.5)
-    )
+    args = op_args(dtype, method, tol=None, scaling=0.5)
+    assert args[4].shape[1] > 1
+    torch.library.opcheck(torch.ops.sinkhorn_ot.solve.default, args)
 
 
 def test_op_traces_under_torch_compile():
     args = op_args(torch.float64)
 
-    def fn(C, a, b, eps, f0, eps0):
-        f, g, n_iter, err = torch.ops.sinkhorn_ot.solve(C, a, b, eps, f0, eps0, 0, 0.0, 50, 1e-6, 0)
+    def fn(C, a, b, f0, table):
+        f, g, n_iter, err = torch.ops.sinkhorn_ot.solve(C, a, b, f0, table, 50, 1e-6, "log")
         return f * 2, g + 1, n_iter, err
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    expected = fn(*args[:6])
-    got = compiled(*args[:6])
+    expected = fn(*args[:5])
+    got = compiled(*args[:5])
     for x, y in zip(got, expected):
         assert torch.equal(x, y)
 
 
 def test_op_accepts_non_contiguous_inputs():
-    C, a, b, eps, f0, eps0, *rest = op_args(torch.float64)
+    C, *rest = op_args(torch.float64)
     Ct = C.transpose(1, 2).contiguous().transpose(1, 2)
     assert not Ct.is_contiguous()
-    out = torch.ops.sinkhorn_ot.solve(Ct, a, b, eps, f0, eps0, *rest)
-    ref = torch.ops.sinkhorn_ot.solve(C, a, b, eps, f0, eps0, *rest)
+    out = torch.ops.sinkhorn_ot.solve(Ct, *rest)
+    ref = torch.ops.sinkhorn_ot.solve(C, *rest)
     for x, y in zip(out, ref):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_eps_table_equals_eps_scaling(method, dtype):
+    # The op on the table of _loop.eps_table runs the torch loop's annealing.
+    C, a, b, _ = problem(3, 15, 12, dtype, seed=6)
+    eps = torch.tensor([0.02, 0.05, 0.03], dtype=dtype)
+    f0 = default_f0(a, eps)
+    table = eps_table(eps, C.abs().amax(dim=(1, 2)), 0.7)
+    tol = 1e-8 if dtype == torch.float64 else 1e-3
+    ref = torch_solve(C, a, b, eps, f0, max_iter=3000, tol=tol, method=method, eps_scaling=0.7)
+    out = ops.solve_dense(C, a, b, f0, table, max_iter=3000, tol=tol, method=method)
+    assert_parity(ref, out, dtype)
+    # Stopping waits for the last column: a table that ends later stops later.
+    longer = torch.cat([table[:, :1].expand(-1, 60), table], dim=1)
+    late = ops.solve_dense(C, a, b, f0, longer, max_iter=3000, tol=tol, method=method)
+    assert bool((late[2] >= 60).all())
 
 
 @pytest.mark.parametrize(
     ("change", "match"),
     [
         ({1: torch.ones(3, 7, dtype=torch.float64)}, r"`a` must have shape \[3, 6\], got \[3, 7\]"),
-        ({3: torch.ones(2, dtype=torch.float64)}, r"`eps` must have shape \[3\]"),
+        ({4: torch.ones(2, 1, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
+        ({4: torch.ones(3, 0, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
         ({2: torch.ones(3, 5)}, "`b` must have the dtype of `C`"),
-        ({10: 7}, "`method` must be 0 \\(log\\) or 1 \\(kernel\\)"),
-        ({8: -1}, "`max_iter` must be >= 0"),
+        ({7: "auto"}, '`method` must be "log" or "kernel"'),
+        ({5: -1}, "`max_iter` must be >= 0"),
         ({0: torch.ones(6, 5, dtype=torch.float64)}, r"`C` must have shape \(B, N, M\)"),
     ],
 )
@@ -339,6 +360,75 @@ def test_wrapper_rejects_unknown_method():
         native.solve_potentials(C, a, b, eps, a * 0, max_iter=1, tol=None, method="auto")
 
 
+def _dense_kwargs(**kw):
+    return {"max_iter": 10, "tol": None, "method": "log", **kw}
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "error", "match"),
+    [
+        (0, torch.ones(6, 5, dtype=torch.float64), ValueError, r"`C` must have shape \(B, N, M\)"),
+        (0, torch.ones(3, 6, 5, dtype=torch.int64), TypeError, "`C` must be float32 or float64"),
+        (1, torch.ones(3, 7, dtype=torch.float64), ValueError, r"`a` must have shape \(3, 6\)"),
+        (2, torch.ones(3, 5), TypeError, r"`b` must have the dtype of `C` \(torch.float64\)"),
+        (
+            3,
+            torch.ones(3, 6, dtype=torch.float64, device="meta"),
+            ValueError,
+            r"`f0` must be on the device of `C` \(cpu\), got meta",
+        ),
+        (
+            4,
+            torch.ones(3, dtype=torch.float64),
+            ValueError,
+            r"`eps_table` must have shape \(B, S\)",
+        ),
+        (4, torch.ones(3, 0, dtype=torch.float64), ValueError, "with S >= 1"),
+    ],
+)
+def test_solve_dense_rejects_bad_inputs(index, value, error, match):
+    args = list(op_args(torch.float64)[:5])
+    args[index] = value
+    with pytest.raises(error, match=match):
+        ops.solve_dense(*args, **_dense_kwargs())
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"method": "auto"}, "`method` must be 'log' or 'kernel'"),
+        ({"max_iter": -1}, "`max_iter` must be an int >= 0"),
+        ({"tol": float("nan")}, "`tol` must be a float or None"),
+    ],
+)
+def test_solve_dense_rejects_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ops.solve_dense(*op_args(torch.float64)[:5], **_dense_kwargs(**kw))
+
+
+def test_solve_dense_needs_an_available_backend():
+    C, a, b, f0, table, *_ = op_args(torch.float64)
+    meta = [t.to("meta") for t in (C, a, b, f0, table)]
+    with pytest.raises(RuntimeError, match=r"the native backend is unavailable: .*'meta'"):
+        ops.solve_dense(*meta, **_dense_kwargs())
+
+
+def test_solve_dense_detaches():
+    C, a, b, f0, table, *_ = op_args(torch.float64)
+    out = ops.solve_dense(C.requires_grad_(), a, b, f0, table, **_dense_kwargs())
+    assert not any(t.requires_grad for t in out)
+
+
+def test_errors_module_holds_the_exceptions():
+    from sinkhorn_ot import _loop, errors, solver
+
+    assert errors.KernelUnderflowError is _loop.KernelUnderflowError is KernelUnderflowError
+    assert errors.NativeBuildWarning is native.NativeBuildWarning is _build.NativeBuildWarning
+    assert errors.SinkhornConvergenceWarning is solver.SinkhornConvergenceWarning
+    with pytest.raises(KernelUnderflowError, match="method='log'"):
+        errors.raise_non_finite("kernel")
+
+
 # --- loading, fallback, command line -------------------------------------------------
 
 
@@ -354,8 +444,8 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     def broken_build(verbose):
         raise RuntimeError("Error building extension\nfoo.cpp:1:1: error: no compiler today")
 
-    monkeypatch.setattr(native, "_CPU", native._Extension("native-cpu"))
-    monkeypatch.setattr(native, "_build_cpu", broken_build)
+    monkeypatch.setattr(_build, "_CPU", _build._Extension("native-cpu"))
+    monkeypatch.setattr(_build, "_build_cpu", broken_build)
     C, a, b = random_problem(2, 4, 5, seed=13)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -427,14 +517,20 @@ def test_kernel_headers_compile_on_their_own(tmp_path):
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     includes = [f"-isystem{path}" for path in cpp_extension.include_paths()]
     headers = sorted((native.CSRC / "cpu").glob("*.h"))
-    assert {h.name for h in headers} >= {"softmin.h", "kernel_form.h", "loop.h", "vec_math.h"}
+    assert {h.name for h in headers} >= {
+        "softmin.h",
+        "kernel_form.h",
+        "loop.h",
+        "vec_math.h",
+        "point_cloud.h",
+    }
     for header in headers:
         source = tmp_path / f"{header.stem}.cpp"
         source.write_text(f'#include "{header}"\n')
         for flags in (native.cpu_compile_flags(), ["-O2"]):
             cmd = [
                 compiler,
-                "-std=c++17",
+                "-std=c++20",  # what torch's headers (and cpp_extension) need
                 "-fsyntax-only",
                 "-Wall",
                 "-Wextra",
@@ -450,7 +546,7 @@ def test_kernel_headers_compile_on_their_own(tmp_path):
 _GENERIC_CHECK = """
 import sys, torch
 from torch.utils.cpp_extension import load
-from sinkhorn_ot import native
+from sinkhorn_ot import costs, native
 from sinkhorn_ot._loop import solve_potentials
 from sinkhorn_ot.testing import random_problem
 load(name="sinkhorn_ot_cpu_generic", sources=native.cpu_sources(), extra_cflags=["-O2"],
@@ -463,13 +559,33 @@ for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
         eps = torch.full((shape[0],), 0.1, dtype=dtype)
         f0 = torch.zeros(shape[:2], dtype=dtype)
-        for code, method in enumerate(("log", "kernel")):
+        for method in ("log", "kernel"):
             ref = solve_potentials(C, a, b, eps, f0, max_iter=30, tol=1e-4, method=method)
-            out = torch.ops.sinkhorn_ot.solve(C, a, b, eps, f0, eps, 0, 0.0, 30, 1e-4, code)
+            out = torch.ops.sinkhorn_ot.solve(C, a, b, f0, eps[:, None], 30, 1e-4, method)
             assert torch.equal(ref[2], out[2]), (ref[2], out[2])
             for x, y in zip(ref[:2], out[:2]):
                 rel = float((x - y).abs().max()) / max(1.0, float(x.abs().max()))
                 assert rel <= rtol, (dtype, shape, method, rel)
+    for cost in ("sqeuclidean", "euclidean", "cosine"):
+        for d in (3, 17):
+            x = torch.rand(2, 37, d, dtype=dtype)
+            y = torch.rand(2, 21, d, dtype=dtype)
+            a = torch.full((2, 37), 1 / 37, dtype=dtype)
+            b = torch.full((2, 21), 1 / 21, dtype=dtype)
+            b[:, -3:] = 0
+            b = b / b.sum(-1, keepdim=True)
+            C = getattr(costs, cost)(x, y)
+            eps = 0.1 * C.amax(dim=(1, 2))
+            f0 = torch.zeros_like(a)
+            for method in ("log", "kernel"):
+                ref = solve_potentials(C, a, b, eps, f0, max_iter=30, tol=1e-4, method=method)
+                out = torch.ops.sinkhorn_ot.solve_points(
+                    x, y, a, b, f0, eps[:, None], 30, 1e-4, method, cost, 1.0
+                )
+                assert torch.equal(ref[2], out[2]), (ref[2], out[2])
+                for p, q in zip(ref[:2], out[:2]):
+                    rel = float((p - q).abs().max()) / max(1.0, float(p.abs().max()))
+                    assert rel <= 100 * rtol, (dtype, cost, d, method, rel)
 print("generic ok")
 """
 

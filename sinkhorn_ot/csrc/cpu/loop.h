@@ -1,8 +1,12 @@
 // The Sinkhorn loop of one problem, native twin of sinkhorn_ot/_loop.py::solve_potentials:
-// same iterates, same stopping rule, same n_iter and err (see that file and
-// docs/native.md). The caller chooses the parallelism through the `For` policy:
+// same iterates, same stopping rule, same n_iter and err. The eps schedule, the stopping
+// decision and the violation are those of ../loop_rules.h, shared with the CUDA loops
+// (see docs/native.md). The caller chooses the parallelism through the `For` policy:
 // SerialFor inside a loop over the batch that is already parallel, or a policy that
 // splits each half-step over rows / column blocks (at::parallel_for in the glue).
+//
+// The half-steps come from a `Steps` object (steps.h for a dense cost, point_cloud.h
+// for point clouds) with prepare(eps), row, col, pad_rows and pad_cols.
 //
 // Zero-weight padding at the end of a problem (rows i >= n_eff, columns j >= m_eff) is
 // left out of every iteration: padded rows/columns never enter the other side's sums.
@@ -18,49 +22,27 @@
 #include <limits>
 #include <utility>
 
+#include "../loop_rules.h"
 #include "problem.h"
 #include "steps.h"
 
 namespace sinkhorn_ot::cpu {
 
-// sum_i a_i |expm1((f_i - f_next_i) / eps)| / mass in float64, over rows with a_i > 0:
-// the relative L1 marginal violation of (f, col(f)) (see _updates.row_violation).
+// The relative L1 marginal violation of (f, col(f)), from f and f_next = row(col(f)):
+// the terms of rules::violation_term summed in float64, over the rows i < n.
 template <typename T>
 inline double marginal_violation(const T* f, const T* f_next, const T* a, int64_t n, T eps,
-                                 double mass, double* buf) {
-  using VecD = Vectorized<double>;
-  constexpr int64_t W = VecD::size();
-  const double e = static_cast<double>(eps);
-  double* ratio = buf;
-  double* weight = buf + n;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool on = a[i] > 0;
-    ratio[i] = on ? (static_cast<double>(f[i]) - static_cast<double>(f_next[i])) / e : 0.0;
-    weight[i] = on ? static_cast<double>(a[i]) : 0.0;
-  }
-  VecD acc(0.0);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    acc = at::vec::fmadd(VecD::loadu(weight + i), VecD::loadu(ratio + i).expm1().abs(), acc);
-  }
-  if (i < n) {
-    const Lanes<double> tail(n - i);
-    acc = at::vec::fmadd(tail.load(weight + i), tail.load(ratio + i).expm1().abs(), acc);
-  }
-  return reduce_sum(acc) / mass;
+                                 double mass) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += rules::violation_term(a[i], f[i], f_next[i], eps);
+  return sum / mass;
 }
 
 template <typename T, typename Steps>
 Outcome sinkhorn_loop(const Problem<T>& p, const LoopSettings& s, Steps& steps, int64_t n_eff,
                       int64_t m_eff, Workspace<T>& ws) {
-  auto eps_at = [&](int64_t t) -> T {
-    if (t >= s.anneal_steps) return p.eps;
-    const T annealed = p.eps0 * static_cast<T>(std::pow(s.eps_scaling, static_cast<double>(t)));
-    return std::max(p.eps, annealed);
-  };
   double mass = 0.0;
   for (int64_t i = 0; i < p.n; ++i) mass += static_cast<double>(p.a[i]);
-  const bool use_tol = s.tol >= 0.0;
 
   std::copy(p.f0, p.f0 + p.n, p.f);
   T* f = p.f;
@@ -68,24 +50,21 @@ Outcome sinkhorn_loop(const Problem<T>& p, const LoopSettings& s, Steps& steps, 
   T* g = p.g;
   T* g_prev = ws.g_prev.data();
 
-  T eps_t = eps_at(0);
+  T eps_t = rules::eps_at(p.eps_row, p.S, 0);
   T eps_fg = eps_t;  // the eps of the current (f, g)
   steps.prepare(eps_t);
   steps.col(f, g, 0, m_eff);
   Outcome out;
   for (int64_t t = 0; t <= s.max_iter; ++t) {
-    if (t > 0 && t <= s.anneal_steps) {
-      eps_t = eps_at(t);
+    if (t > 0 && t < p.S) {  // annealing: a new column of the table
+      eps_t = rules::eps_at(p.eps_row, p.S, t);
       steps.prepare(eps_t);
     }
     steps.row(g, f_next, 0, n_eff);
-    const bool last = t == s.max_iter;
-    if (use_tol || last) {
-      const double v = marginal_violation(f, f_next, p.a, n_eff, eps_t, mass, ws.viol.data());
-      out.err = v;
-      if (!std::isfinite(v)) break;  // reported by the caller, as the torch loop raises
-      if (use_tol && t >= s.anneal_steps && v <= s.tol) break;
-      if (last) break;
+    if (s.has_tol || t == s.max_iter) {
+      out.err = marginal_violation(f, f_next, p.a, n_eff, eps_t, mass);
+      // A non-finite err also stops; the caller reports it, as the torch loop raises.
+      if (rules::should_stop(out.err, s.has_tol, s.tol, t, p.S, s.max_iter)) break;
     }
     std::swap(f, f_next);
     std::swap(g, g_prev);
@@ -108,12 +87,10 @@ inline int64_t effective_size(const T* w, int64_t size) {
   return size;
 }
 
-// Solve one problem: sizes without trailing padding, log weights, scratch, then the loop.
-template <typename T, typename For>
-Outcome solve_problem(const Problem<T>& p, const LoopSettings& s, Workspace<T>& ws,
-                      const For& par) {
+// Sizes without trailing padding, log weights and the scratch every Steps needs.
+template <typename T>
+inline std::pair<int64_t, int64_t> prepare_problem(const Problem<T>& p, Workspace<T>& ws) {
   const int64_t n = p.n, m = p.m;
-  const int64_t n_eff = effective_size(p.a, n), m_eff = effective_size(p.b, m);
   const int64_t nm = std::max(n, m);
   grow(ws.f_next, n);
   grow(ws.g_prev, m);
@@ -124,13 +101,20 @@ Outcome solve_problem(const Problem<T>& p, const LoopSettings& s, Workspace<T>& 
   grow(ws.col_max, m);
   grow(ws.col_sum, m);
   grow(ws.scal, nm);
-  grow(ws.viol, 2 * n);
   constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) log_a[i] = p.a[i] > 0 ? std::log(p.a[i]) : kMinusInf;
   for (int64_t j = 0; j < m; ++j) log_b[j] = p.b[j] > 0 ? std::log(p.b[j]) : kMinusInf;
+  return {effective_size(p.a, n), effective_size(p.b, m)};
+}
+
+// Solve one problem with a dense cost p.C: sizes, log weights, scratch, then the loop.
+template <typename T, typename For>
+Outcome solve_problem(const Problem<T>& p, const LoopSettings& s, Workspace<T>& ws,
+                      const For& par) {
+  const auto [n_eff, m_eff] = prepare_problem(p, ws);
   if (s.method == Method::kKernel) {
     grow(ws.kernel, n_eff * m_eff);
-    grow(ws.pad, std::max((n - n_eff) * m_eff, n_eff * (m - m_eff)));
+    grow(ws.pad, std::max((p.n - n_eff) * m_eff, n_eff * (p.m - m_eff)));
     KernelSteps<T, For> steps{{p, n_eff, m_eff, ws, par}};
     return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
   }

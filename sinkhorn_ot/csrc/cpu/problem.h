@@ -14,14 +14,14 @@ namespace sinkhorn_ot::cpu {
 enum class Method : int64_t { kLog = 0, kKernel = 1 };
 
 struct LoopSettings {
-  int64_t anneal_steps = 0;  // iterations t < anneal_steps use max(eps, eps0 * scaling^t)
-  double eps_scaling = 1.0;
   int64_t max_iter = 0;
-  double tol = -1.0;  // < 0: no tolerance, run exactly max_iter iterations
+  bool has_tol = false;  // false: no tolerance, run exactly max_iter iterations
+  double tol = 0.0;
   Method method = Method::kLog;
 };
 
-// One problem: inputs (C is (n, m) row-major) and where its outputs go.
+// One problem: inputs (C is (n, m) row-major; nullptr for point clouds, whose Steps
+// hold the points) and where its outputs go.
 template <typename T>
 struct Problem {
   const T* C;
@@ -29,7 +29,8 @@ struct Problem {
   const T* b;   // (m,)
   const T* f0;  // (n,)
   int64_t n, m;
-  T eps, eps0;
+  const T* eps_row;  // (S,): this problem's row of the eps table, see loop_rules.h
+  int64_t S;
   T* f;  // (n,) output
   T* g;  // (m,) output
 };
@@ -44,7 +45,8 @@ template <typename T>
 struct Workspace {
   std::vector<T> f_next, g_prev, log_a, log_b, shifted, row_top, col_max, col_sum, scal, kernel,
       pad;
-  std::vector<double> viol;
+  // Point clouds (point_cloud.h): each side's points row-major, transposed, and |p|^2.
+  std::vector<T> x_rows, x_cols, x_sq, y_rows, y_cols, y_sq;
 };
 
 // v.data() with room for `size` entries (grows, never shrinks).

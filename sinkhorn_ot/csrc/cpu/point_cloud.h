@@ -1,0 +1,434 @@
+// Sinkhorn half-steps on point clouds: the cost cost_scale * c(x_i, y_j) is computed on
+// the fly from the points, so nothing of size N * M is ever stored (memory O((N + M) d)).
+// PointLogSteps and PointKernelSteps have the interface of the dense Steps of steps.h
+// (prepare, row, col, pad_rows, pad_cols), so the one sinkhorn_loop of loop.h runs them.
+//
+//   log:    f_i = -eps log sum_j exp((g_j + eps log b_j - C_ij) / eps), one-pass max-rescaled
+//           log-sum-exp as in softmin.h, one exponential per pair;
+//   kernel: f_i = -eps log sum_j exp(-C_ij / eps) v_j, no max shift: it underflows exactly
+//           like the dense kernel form (a 0 sum gives +inf, which the caller reports).
+//
+// The column half-step is the row half-step with the two clouds swapped. Each side is
+// kept row-major (the points whose potentials are computed, one at a time) and
+// packed coordinate-major in panels of 4 vectors (the points summed over, W
+// consecutive ones per vector, a tile's coordinates contiguous in memory). The cost
+// of one point against a vector of points is a PointCost, a template per cost kind, so
+// the inner loop is branch-free:
+//
+//   sqeuclidean |x - y|^2, euclidean |x - y|, cosine 1 - <x, y> / (|x| |y|), norms
+//   floored at 1e-8 (as sinkhorn_ot.costs). Squared distances use direct differences
+//   for small d and |x|^2 + |y|^2 - 2 <x, y> (clamped at 0) for large d.
+//
+// Every output point is computed the same way whatever the split over threads.
+//
+// Pure kernel code: raw pointers, sizes, scalar type templates; no at::Tensor.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kernel_form.h"
+#include "loop.h"
+#include "problem.h"
+#include "softmin.h"
+#include "steps.h"
+
+namespace sinkhorn_ot::cpu {
+
+enum class CostKind { kSqEuclidean, kEuclidean, kCosine };
+
+// Squared distances by direct differences up to this dimension, by dot products above.
+inline constexpr int64_t kMaxDiffDim = 8;
+
+// How the cost of a pair is computed from the coordinates.
+enum class Form {
+  kDiff,  // sum_t (q_t - p_t)^2
+  kDist,  // max(|p|^2 + |q|^2 - 2 <p, q>, 0)
+  kCos,   // 1 - <p, q>, of normalised points
+};
+
+// Points per panel of the packed layout: one tile of 4 vectors.
+template <typename T>
+inline constexpr int64_t kPanel = 4 * Vectorized<T>::size();
+
+// One side's points: `rows` (n, d) row-major; `cols` the same packed in panels of
+// kPanel points, coordinate-major within a panel (point j, coordinate t at
+// (j / P) * P * d + t * P + j % P, zero-filled up to whole panels), so that a tile
+// reads its coordinates contiguously; `sq` (n,) their squared norms |p|^2.
+template <typename T>
+struct Cloud {
+  const T* rows;
+  const T* cols;
+  const T* sq;
+  int64_t n;
+};
+
+// Offset of point j (a multiple of the vector width), coordinate 0, in Cloud::cols.
+template <typename T>
+inline int64_t panel_offset(int64_t j, int64_t d) {
+  constexpr int64_t P = kPanel<T>;
+  return (j / P) * P * d + j % P;
+}
+
+template <Form F, bool kSqrt>
+struct PointCost {
+  // c[r][k] = c(p_r, q_{j + k W + lane}) for r < R, k < K, where p_r is one point
+  // (coordinates p[r], squared norm p_sq[r]) and q the points of `q`; vector lanes are
+  // read through `load` (masked at the tail, where the lanes past the end read 0). Each
+  // (r, k) entry sees the same operations whatever R: R rows only share the loads.
+  template <int R, int K, typename T, typename Load>
+  static inline void tile(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                          int64_t j, const Load& load, Vectorized<T> (*c)[K]) {
+    using Vec = Vectorized<T>;
+    constexpr int64_t W = Vec::size();
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < K; ++k) c[r][k] = Vec(T(0));
+    }
+    const T* col = q.cols + panel_offset<T>(j, d);
+    for (int64_t t = 0; t < d; ++t, col += kPanel<T>) {
+      Vec qv[K];
+      for (int k = 0; k < K; ++k) qv[k] = load(col + k * W);
+      for (int r = 0; r < R; ++r) {
+        const Vec pt(p[r][t]);
+        for (int k = 0; k < K; ++k) {
+          if constexpr (F == Form::kDiff) {
+            const Vec diff = qv[k] - pt;
+            c[r][k] = at::vec::fmadd(diff, diff, c[r][k]);
+          } else {
+            c[r][k] = at::vec::fmadd(pt, qv[k], c[r][k]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < K; ++k) {
+        if constexpr (F == Form::kDist) {
+          const Vec norms = Vec(p_sq[r]) + load(q.sq + j + k * W);
+          c[r][k] = at::vec::clamp_min(norms - Vec(T(2)) * c[r][k], Vec(T(0)));
+        } else if constexpr (F == Form::kCos) {
+          c[r][k] = Vec(T(1)) - c[r][k];
+        }
+        if constexpr (kSqrt) c[r][k] = c[r][k].sqrt();
+      }
+    }
+  }
+};
+
+// For each of R points p_r: the parts of the log-sum-exp over the m points of q of
+// x_j = h_j - cs * c(p_r, q_j), m >= 1: the maximum top[r] and sum_j exp((x_j - top) /
+// eps) in total[r], as row_lse_parts of softmin.h. R points share the loads of q.
+template <typename Cost, int R, typename T>
+inline void point_lse_parts(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                            const T* h, int64_t m, T cs, T scale, T* top, T* total) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vscale(scale), vcs(cs);
+  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
+  LseLanes<T> lanes[R];
+  auto term = [&](const Vec& x, const Vec& shift) {
+    return ExpTerm<T>::apply(at::vec::fmsub(x, vscale, shift));
+  };
+  auto tile = [&](int64_t j, bool first) {
+    Vec x[R][4];
+    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, x);
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < 4; ++k) x[r][k] = Vec::loadu(h + j + k * W) - vcs * x[r][k];
+      const Vec tile_max = fast_max(fast_max(x[r][0], x[r][1]), fast_max(x[r][2], x[r][3]));
+      if (first) {
+        lanes[r].max = fast_max(tile_max, Vec(kLowest<T>));  // finite: see LseLanes::shift()
+        lanes[r].sum = Vec(T(0));
+      } else {
+        lanes[r].cover(tile_max, vscale);
+      }
+      const Vec shift = lanes[r].shift(vscale);
+      lanes[r].sum += (term(x[r][0], shift) + term(x[r][1], shift)) +
+                      (term(x[r][2], shift) + term(x[r][3], shift));
+    }
+  };
+  auto single = [&](int64_t j, Vec* x) {
+    for (int r = 0; r < R; ++r) {
+      if (j == 0) {
+        lanes[r].max = fast_max(x[r], Vec(kLowest<T>));
+        lanes[r].sum = Vec(T(0));
+      } else {
+        lanes[r].cover(x[r], vscale);
+      }
+      lanes[r].sum += term(x[r], lanes[r].shift(vscale));
+    }
+  };
+  int64_t j = 0;
+  if (m >= 4 * W) {
+    tile(0, true);
+    for (j = 4 * W; j + 4 * W <= m; j += 4 * W) tile(j, false);
+  }
+  for (; j + W <= m; j += W) {
+    Vec c[R][1], x[R];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
+    for (int r = 0; r < R; ++r) x[r] = Vec::loadu(h + j) - vcs * c[r][0];
+    single(j, x);
+  }
+  if (j < m) {
+    const Lanes<T> tail(m - j);
+    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
+    Vec c[R][1], x[R];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
+    for (int r = 0; r < R; ++r) x[r] = tail.fill(tail.load(h + j) - vcs * c[r][0], kMinusInf<T>);
+    single(j, x);
+  }
+  for (int r = 0; r < R; ++r) {
+    top[r] = reduce_max(lanes[r].max);
+    total[r] =
+        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(top[r])) * vscale));
+  }
+}
+
+// For each of R points p_r: sum over the m points of q of exp(-cs * c(p_r, q_j) / eps) v_j
+// into out[r], the kernel formed as in fill_kernel (kernel_form.h), so it underflows to
+// the same zeros. R points share the loads of q.
+template <typename Cost, int R, typename T>
+inline void point_kernel_dot(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
+                             const T* v, int64_t m, T cs, T eps, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vcs(cs), veps(eps);
+  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
+  auto kern = [&](const Vec& c) { return ((Vec(T(0)) - vcs * c) / veps).exp(); };
+  Vec s[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < 4; ++k) s[r][k] = Vec(T(0));
+  }
+  int64_t j = 0;
+  for (; j + 4 * W <= m; j += 4 * W) {
+    Vec c[R][4];
+    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, c);
+    for (int k = 0; k < 4; ++k) {
+      const Vec vk = Vec::loadu(v + j + k * W);
+      for (int r = 0; r < R; ++r) s[r][k] = at::vec::fmadd(kern(c[r][k]), vk, s[r][k]);
+    }
+  }
+  for (; j + W <= m; j += W) {
+    Vec c[R][1];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
+    const Vec vj = Vec::loadu(v + j);
+    for (int r = 0; r < R; ++r) s[r][0] = at::vec::fmadd(kern(c[r][0]), vj, s[r][0]);
+  }
+  if (j < m) {
+    const Lanes<T> tail(m - j);
+    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
+    Vec c[R][1];
+    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
+    const Vec vj = tail.load(v + j);
+    for (int r = 0; r < R; ++r) {
+      s[r][1] = at::vec::fmadd(tail.fill(kern(c[r][0]), T(0)), vj, s[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = reduce_sum((s[r][0] + s[r][1]) + (s[r][2] + s[r][3]));
+}
+
+// Runs fn(rows_tag, r) over the points r in [r0, r1), two at a time (rows_tag an
+// integral_constant of the count), so that two points share the loads of the other side.
+template <typename F>
+inline void for_point_pairs(int64_t r0, int64_t r1, const F& fn) {
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) fn(std::integral_constant<int, 2>{}, r);
+  if (r < r1) fn(std::integral_constant<int, 1>{}, r);
+}
+
+// The two clouds of a problem and the cost's scale.
+template <typename T>
+struct Geometry {
+  Cloud<T> x, y;
+  int64_t d;
+  T cost_scale;
+};
+
+// One side's Cloud from its points (n, d) row-major: normalised (cosine) or not, the
+// transpose and the squared norms, in the workspace vectors given.
+template <typename T>
+inline Cloud<T> make_cloud(const T* pts, int64_t n, int64_t d, bool normalise,
+                           std::vector<T>& rows, std::vector<T>& cols, std::vector<T>& sq) {
+  const T* src = pts;
+  if (normalise) {
+    T* r = grow(rows, n * d);
+    for (int64_t i = 0; i < n; ++i) {
+      T norm2 = T(0);
+      for (int64_t t = 0; t < d; ++t) norm2 += pts[i * d + t] * pts[i * d + t];
+      const T norm = std::max(std::sqrt(norm2), T(1e-8));
+      for (int64_t t = 0; t < d; ++t) r[i * d + t] = pts[i * d + t] / norm;
+    }
+    src = r;
+  }
+  constexpr int64_t P = kPanel<T>;
+  const int64_t packed = (n + P - 1) / P * P * d;
+  T* c = grow(cols, packed);
+  std::fill(c, c + packed, T(0));
+  T* s = grow(sq, n);
+  for (int64_t i = 0; i < n; ++i) {
+    T norm2 = T(0);
+    T* dst = c + (i / P) * P * d + i % P;
+    for (int64_t t = 0; t < d; ++t) {
+      const T v = src[i * d + t];
+      norm2 += v * v;
+      dst[t * P] = v;
+    }
+    s[i] = norm2;
+  }
+  return Cloud<T>{src, c, s, n};
+}
+
+// Shared state of the two point-cloud half-step implementations.
+template <typename T, typename For>
+struct PointStepsBase {
+  const Problem<T>& p;
+  int64_t n_eff, m_eff;
+  Workspace<T>& ws;
+  const For& par;
+  Geometry<T> geo;
+  T eps = T(0);
+
+  // Output points per parallel chunk when each sums over `others` points.
+  int64_t grain(int64_t others) const {
+    const int64_t per_point = std::max<int64_t>(others, 1) * (1 + geo.d / 8);
+    return std::max<int64_t>(1, kGrainElements / per_point);
+  }
+};
+
+// Log-domain half-steps on point clouds.
+template <typename T, typename For, typename Cost>
+struct PointLogSteps : PointStepsBase<T, For> {
+  T scale = T(0);
+
+  void prepare(T e) {
+    this->eps = e;
+    scale = ExpTerm<T>::kScale / e;
+  }
+  // f[i] = row(g)_i for i in [i0, i1).
+  void row(const T* g, T* f, int64_t i0, int64_t i1) {
+    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f,
+         this->ws.row_top.data(), i0, i1);
+  }
+  // g[j] = col(f)_j for j in [j0, j1).
+  void col(const T* f, T* g, int64_t j0, int64_t j1) {
+    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g,
+         this->ws.col_max.data(), j0, j1);
+  }
+  void pad_rows(const T* g, T* f, T e) {
+    prepare(e);
+    row(g, f, this->n_eff, this->p.n);
+  }
+  void pad_cols(const T* f, T* g, T e) {
+    prepare(e);
+    col(f, g, this->m_eff, this->p.m);
+  }
+
+ private:
+  // out[r] = -eps log sum_{q < nq} exp((pot_q + eps log_w_q - C(r, q)) / eps) for the
+  // points r in [r0, r1) of `mine`, summing over the first nq points of `other`.
+  void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
+            int64_t nq, T* out, T* top, int64_t r0, int64_t r1) {
+    if (nq <= 0) {
+      for (int64_t r = r0; r < r1; ++r) out[r] = std::numeric_limits<T>::infinity();
+      return;
+    }
+    T* h = this->ws.shifted.data();
+    for (int64_t q = 0; q < nq; ++q) h[q] = pot[q] + this->eps * log_w[q];
+    const int64_t d = this->geo.d;
+    const T e = this->eps, s = scale, cs = this->geo.cost_scale;
+    this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
+      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+        constexpr int R = decltype(rows_tag)::value;
+        const T* pts[R];
+        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
+        point_lse_parts<Cost, R>(pts, mine.sq + r, other, d, h, nq, cs, s, top + r, out + r);
+      });
+      finish_softmin(top, out, a0, a1, e);
+    });
+  }
+};
+
+// Kernel-form half-steps on point clouds: exp(-C / eps) on the fly, no max shift.
+template <typename T, typename For, typename Cost>
+struct PointKernelSteps : PointStepsBase<T, For> {
+  void prepare(T e) { this->eps = e; }
+  // f[i] = row(g)_i for i in [i0, i1).
+  void row(const T* g, T* f, int64_t i0, int64_t i1) {
+    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f, i0, i1);
+  }
+  // g[j] = col(f)_j for j in [j0, j1).
+  void col(const T* f, T* g, int64_t j0, int64_t j1) {
+    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g, j0, j1);
+  }
+  void pad_rows(const T* g, T* f, T e) {
+    prepare(e);
+    row(g, f, this->n_eff, this->p.n);
+  }
+  void pad_cols(const T* f, T* g, T e) {
+    prepare(e);
+    col(f, g, this->m_eff, this->p.m);
+  }
+
+ private:
+  // out[r] = -eps log sum_{q < nq} exp(-C(r, q) / eps) w_q exp(pot_q / eps) for the
+  // points r in [r0, r1) of `mine`.
+  void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
+            int64_t nq, T* out, int64_t r0, int64_t r1) {
+    T* v = this->ws.scal.data();
+    scalings(log_w, pot, nq, this->eps, v);
+    const int64_t d = this->geo.d;
+    const T e = this->eps, cs = this->geo.cost_scale;
+    this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
+      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+        constexpr int R = decltype(rows_tag)::value;
+        const T* pts[R];
+        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
+        point_kernel_dot<Cost, R>(pts, mine.sq + r, other, d, v, nq, cs, e, out + r);
+      });
+      finish_neg_log(out, a0, a1, e);
+    });
+  }
+};
+
+// Calls fn(cost) with the PointCost object of `kind` for dimension d.
+template <typename F>
+inline auto with_point_cost(CostKind kind, int64_t d, const F& fn) {
+  const bool diff = d <= kMaxDiffDim;
+  switch (kind) {
+    case CostKind::kSqEuclidean:
+      return diff ? fn(PointCost<Form::kDiff, false>{}) : fn(PointCost<Form::kDist, false>{});
+    case CostKind::kEuclidean:
+      return diff ? fn(PointCost<Form::kDiff, true>{}) : fn(PointCost<Form::kDist, true>{});
+    case CostKind::kCosine:
+    default:
+      return fn(PointCost<Form::kCos, false>{});
+  }
+}
+
+// Solve one problem on the clouds x (n, d) and y (m, d) row-major: sizes, log weights,
+// the clouds' layouts, then the loop.
+template <typename T, typename For>
+Outcome solve_points_problem(const Problem<T>& p, const T* x, const T* y, int64_t d,
+                             CostKind kind, T cost_scale, const LoopSettings& s,
+                             Workspace<T>& ws, const For& par) {
+  const auto sizes = prepare_problem(p, ws);
+  const int64_t n_eff = sizes.first, m_eff = sizes.second;
+  const bool normalise = kind == CostKind::kCosine;
+  const Geometry<T> geo{make_cloud(x, p.n, d, normalise, ws.x_rows, ws.x_cols, ws.x_sq),
+                        make_cloud(y, p.m, d, normalise, ws.y_rows, ws.y_cols, ws.y_sq), d,
+                        cost_scale};
+  return with_point_cost(kind, d, [&](auto cost) {
+    using Cost = decltype(cost);
+    if (s.method == Method::kKernel) {
+      PointKernelSteps<T, For, Cost> steps{{p, n_eff, m_eff, ws, par, geo}};
+      return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
+    }
+    PointLogSteps<T, For, Cost> steps{{p, n_eff, m_eff, ws, par, geo}};
+    return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
+  });
+}
+
+}  // namespace sinkhorn_ot::cpu

@@ -1,0 +1,320 @@
+"""Python wrappers of the native ops, their input checks and fake implementations.
+
+* :func:`solve_dense` wraps ``torch.ops.sinkhorn_ot.solve``: a dense cost ``C (B, N, M)``.
+* :func:`solve_points` wraps ``torch.ops.sinkhorn_ot.solve_points``: point clouds
+  ``x (B, N, D)``, ``y (B, M, D)``; the cost ``cost_scale * c(x_i, y_j)`` is computed on
+  the fly and nothing of size ``N * M`` is stored.
+
+Both run the whole loop of :func:`sinkhorn_ot._loop.solve_potentials` (same iterates,
+stopping rule, ``n_iter`` and ``err``; contract in ``csrc/loop_rules.h``) in one call,
+with the eps schedule given as a table ``eps_table (B, S)`` (iteration ``t`` uses column
+``min(t, S - 1)``; :func:`sinkhorn_ot._loop.eps_table` builds it). The ops are declared
+in ``csrc/sinkhorn.cpp``; the fake (meta) implementations registered here let
+``torch.compile`` and FakeTensor trace them. The wrappers check their inputs in Python
+(``ValueError`` for shapes, names and devices, ``TypeError`` for dtypes), build the
+extension if needed (:func:`sinkhorn_ot.native.availability`) and raise like the torch
+loop when a potential is not finite. No autograd: the results are detached.
+
+Example:
+    >>> import torch
+    >>> from sinkhorn_ot import ops
+    >>> x, y = torch.rand(1, 5, 2, dtype=torch.float64), torch.rand(1, 6, 2, dtype=torch.float64)
+    >>> a, b = torch.full((1, 5), 0.2, dtype=torch.float64), torch.full((1, 6), 1 / 6, dtype=torch.float64)
+    >>> eps = torch.full((1, 1), 0.05, dtype=torch.float64)
+    >>> f, g, n_iter, err = ops.solve_points(
+    ...     x, y, a, b, torch.zeros_like(a), eps, max_iter=1000, tol=1e-9, method="log",
+    ...     cost="sqeuclidean", cost_scale=1.0)
+    >>> bool(err[0] <= 1e-9)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _build
+from .errors import raise_non_finite
+
+__all__ = ["COSTS", "METHODS", "check_method", "register_fakes", "solve_dense", "solve_points"]
+
+#: The ``method`` values of the ops.
+METHODS = ("log", "kernel")
+#: The ``cost`` values of :func:`solve_points`.
+COSTS = ("sqeuclidean", "euclidean", "cosine")
+_DTYPES = (torch.float32, torch.float64)
+_FAKES_REGISTERED = False
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is ``"log"`` or ``"kernel"``.
+
+    Example:
+        >>> from sinkhorn_ot.ops import check_method
+        >>> check_method("log")
+        >>> check_method("auto")
+        Traceback (most recent call last):
+        ...
+        ValueError: `method` must be 'log' or 'kernel', got 'auto'
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be 'log' or 'kernel', got {method!r}")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_tensor(name: str, t, shape: tuple[int, ...], ref: torch.Tensor, ref_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor, got {type(t).__name__}")
+    if _shape(t) != shape:
+        raise ValueError(f"`{name}` must have shape {shape}, got {_shape(t)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"`{name}` must have the dtype of `{ref_name}` ({ref.dtype}), got {t.dtype}"
+        )
+    if t.device != ref.device:
+        raise ValueError(
+            f"`{name}` must be on the device of `{ref_name}` ({ref.device}), got {t.device}"
+        )
+
+
+def _check_leading(name: str, t, dims: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"`{name}` must have shape {dims}, got {got}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"`{name}` must be float32 or float64, got {t.dtype}")
+
+
+def _check_common(ref, ref_name, batch, n, m, a, b, f0, eps_table, max_iter, tol, method) -> None:
+    _check_tensor("a", a, (batch, n), ref, ref_name)
+    _check_tensor("b", b, (batch, m), ref, ref_name)
+    _check_tensor("f0", f0, (batch, n), ref, ref_name)
+    if not isinstance(eps_table, torch.Tensor) or eps_table.dim() != 2:
+        got = _shape(eps_table) if isinstance(eps_table, torch.Tensor) else type(eps_table).__name__
+        raise ValueError(f"`eps_table` must have shape (B, S) = ({batch}, S), got {got}")
+    if eps_table.shape[0] != batch or eps_table.shape[1] < 1:
+        raise ValueError(
+            f"`eps_table` must have shape (B, S) = ({batch}, S) with S >= 1, got "
+            f"{_shape(eps_table)}"
+        )
+    _check_tensor("eps_table", eps_table, _shape(eps_table), ref, ref_name)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"`max_iter` must be an int >= 0, got {max_iter!r}")
+    if tol is not None and (not isinstance(tol, (int, float)) or math.isnan(tol)):
+        raise ValueError(f"`tol` must be a float or None, got {tol!r}")
+    check_method(method)
+
+
+def _check_dense(C, a, b, f0, eps_table, max_iter, tol, method) -> None:
+    _check_leading("C", C, "(B, N, M)")
+    batch, n, m = C.shape
+    _check_common(C, "C", batch, n, m, a, b, f0, eps_table, max_iter, tol, method)
+
+
+def _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale) -> None:
+    _check_leading("x", x, "(B, N, D)")
+    batch, n, d = x.shape
+    if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != batch or y.shape[2] != d:
+        got = _shape(y) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"`y` must have shape (B, M, D) = ({batch}, M, {d}), got {got}")
+    _check_tensor("y", y, _shape(y), x, "x")
+    m = y.shape[1]
+    _check_common(x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method)
+    if cost not in COSTS:
+        raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
+    if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
+        raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
+
+
+def _require(device: torch.device, dtype: torch.dtype) -> None:
+    ok, reason = _build.availability(device, dtype)
+    if not ok:
+        raise RuntimeError(f"the native backend is unavailable: {reason}")
+
+
+def _finish(out: Outputs, method: str) -> Outputs:
+    f, g, _, err = out
+    finite = torch.isfinite(err).all() & torch.isfinite(f).all() & torch.isfinite(g).all()
+    if not bool(finite):
+        raise_non_finite(method)
+    return out
+
+
+def _prepared(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().contiguous() for t in tensors]
+
+
+def solve_dense(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    f0: torch.Tensor,
+    eps_table: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    method: str,
+) -> Outputs:
+    """Sinkhorn potentials of a dense cost, the whole loop in one native call.
+
+    Args:
+        C: cost ``(B, N, M)``, float32 or float64.
+        a, b: weights ``(B, N)``, ``(B, M)`` with equal masses, dtype of ``C``; zeros
+            mark padding.
+        f0: ``(B, N)`` initial row potential.
+        eps_table: ``(B, S)``, ``S >= 1``: iteration ``t`` uses column ``min(t, S - 1)``
+            (``S = 1``: no annealing); see :func:`sinkhorn_ot._loop.eps_table`.
+        max_iter: number of (row, column) update pairs at most.
+        tol: per-problem tolerance on the relative L1 marginal violation, checked once
+            the annealing is over; ``None`` runs exactly ``max_iter`` iterations.
+        method: ``"log"`` or ``"kernel"``.
+
+    Returns:
+        ``f (B, N)``, ``g (B, M)`` in the dtype of ``C`` (not normalised), ``n_iter (B,)``
+        int64, ``err (B,)`` float64: as :func:`sinkhorn_ot._loop.solve_potentials`.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or arguments.
+        RuntimeError: the native backend is unavailable for this device and dtype.
+        KernelUnderflowError: a kernel-form potential became non-finite.
+        FloatingPointError: a log-domain potential became non-finite.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import ops
+        >>> C = torch.rand(2, 3, 4, dtype=torch.float64)
+        >>> a = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+        >>> b = torch.full((2, 4), 1 / 4, dtype=torch.float64)
+        >>> table = torch.tensor([[0.4, 0.2, 0.1], [0.1, 0.1, 0.1]], dtype=torch.float64)
+        >>> f, g, n_iter, err = ops.solve_dense(
+        ...     C, a, b, torch.zeros_like(a), table, max_iter=500, tol=1e-9, method="log")
+        >>> bool((err <= 1e-9).all()), f.shape, g.shape, n_iter.dtype
+        (True, torch.Size([2, 3]), torch.Size([2, 4]), torch.int64)
+    """
+    _check_dense(C, a, b, f0, eps_table, max_iter, tol, method)
+    _require(C.device, C.dtype)
+    out = torch.ops.sinkhorn_ot.solve(
+        *_prepared(C, a, b, f0, eps_table),
+        int(max_iter),
+        None if tol is None else float(tol),
+        method,
+    )
+    return _finish(out, method)
+
+
+def solve_points(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    f0: torch.Tensor,
+    eps_table: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float | None,
+    method: str,
+    cost: str,
+    cost_scale: float,
+) -> Outputs:
+    """Sinkhorn potentials between point clouds, the cost computed on the fly.
+
+    Same loop and results as :func:`solve_dense` on the dense cost
+    ``C = cost_scale * c(x_i, y_j)`` (for instance ``cost_scale *
+    sinkhorn_ot.costs.sqeuclidean(x, y)``), with memory ``O((N + M) D)``: nothing of
+    size ``N * M`` is stored.
+
+    Args:
+        x: ``(B, N, D)`` row points, float32 or float64.
+        y: ``(B, M, D)`` column points, dtype of ``x``.
+        a, b: weights ``(B, N)``, ``(B, M)`` with equal masses; zeros mark padding.
+        f0: ``(B, N)`` initial row potential.
+        eps_table: ``(B, S)``, iteration ``t`` uses column ``min(t, S - 1)``.
+        max_iter: number of (row, column) update pairs at most.
+        tol: tolerance on the relative L1 marginal violation; ``None``: exactly
+            ``max_iter`` iterations.
+        method: ``"log"`` or ``"kernel"`` (``exp(-C / eps)`` without a shift: it
+            underflows like the dense kernel form).
+        cost: ``"sqeuclidean"`` (``|x - y|^2``), ``"euclidean"`` (``|x - y|``) or
+            ``"cosine"`` (``1 - <x, y> / (|x| |y|)``, norms floored at ``1e-8``).
+        cost_scale: factor applied to the cost.
+
+    Returns:
+        ``f (B, N)``, ``g (B, M)`` (not normalised), ``n_iter (B,)`` int64, ``err (B,)``
+        float64.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or arguments.
+        RuntimeError: the native backend is unavailable for this device and dtype.
+        KernelUnderflowError: a kernel-form potential became non-finite.
+        FloatingPointError: a log-domain potential became non-finite.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import ops
+        >>> from sinkhorn_ot.costs import sqeuclidean
+        >>> x, y = torch.rand(2, 7, 3, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+        >>> a = torch.full((2, 7), 1 / 7, dtype=torch.float64)
+        >>> b = torch.full((2, 5), 1 / 5, dtype=torch.float64)
+        >>> table = torch.full((2, 1), 0.1, dtype=torch.float64)
+        >>> kw = dict(max_iter=50, tol=None, method="log")
+        >>> pts = ops.solve_points(x, y, a, b, torch.zeros_like(a), table, **kw,
+        ...                        cost="sqeuclidean", cost_scale=2.0)
+        >>> dense = ops.solve_dense(2.0 * sqeuclidean(x, y), a, b, torch.zeros_like(a), table, **kw)
+        >>> torch.allclose(pts[0], dense[0], rtol=0, atol=1e-12), pts[2].tolist()
+        (True, [50, 50])
+    """
+    _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale)
+    _require(x.device, x.dtype)
+    out = torch.ops.sinkhorn_ot.solve_points(
+        *_prepared(x, y, a, b, f0, eps_table),
+        int(max_iter),
+        None if tol is None else float(tol),
+        method,
+        cost,
+        float(cost_scale),
+    )
+    return _finish(out, method)
+
+
+def register_fakes() -> None:
+    """Register the fake (meta) implementations of both ops (once; after the library
+    declaring them is loaded, which :func:`sinkhorn_ot.native.build` does).
+
+    They check the inputs like the wrappers and return empty outputs: ``f (B, N)``,
+    ``g (B, M)`` in the input dtype, ``n_iter (B,)`` int64, ``err (B,)`` float64.
+
+    Example:
+        >>> from sinkhorn_ot import native, ops
+        >>> _ = native.build(cuda=False, verbose=False)
+        >>> ops.register_fakes()  # already done by the build: a no-op
+    """
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+
+    def outputs(ref: torch.Tensor, batch: int, n: int, m: int) -> Outputs:
+        return (
+            ref.new_empty((batch, n)),
+            ref.new_empty((batch, m)),
+            ref.new_empty((batch,), dtype=torch.int64),
+            ref.new_empty((batch,), dtype=torch.float64),
+        )
+
+    @torch.library.register_fake("sinkhorn_ot::solve")
+    def _solve_fake(C, a, b, f0, eps_table, max_iter, tol, method):
+        _check_dense(C, a, b, f0, eps_table, max_iter, tol, method)
+        batch, n, m = C.shape
+        return outputs(C, batch, n, m)
+
+    @torch.library.register_fake("sinkhorn_ot::solve_points")
+    def _solve_points_fake(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale):
+        _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale)
+        return outputs(x, x.shape[0], x.shape[1], y.shape[1])
+
+    _FAKES_REGISTERED = True
