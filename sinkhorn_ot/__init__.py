@@ -10,12 +10,12 @@ Example:
 
 from ._loop import KernelUnderflowError
 from .costs import cosine, euclidean, sqeuclidean
+from .errors import ImplicitGradientError, SinkhornConvergenceWarning
 from .exact import EMDResult, emd
 from .geometry import DenseCost, Geometry, PointCloud
 from .padding import pad_batch
 from .plan import LazyPlan
 from .result import SinkhornResult
-from .errors import ImplicitGradientError, SinkhornConvergenceWarning
 from .solver import sinkhorn
 
 __version__ = "0.1.0"
@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseCost",
     "EMDResult",
-    "ImplicitGradientError",
     "Geometry",
+    "ImplicitGradientError",
     "KernelUnderflowError",
     "LazyPlan",
     "PointCloud",

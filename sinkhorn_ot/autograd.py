@@ -383,8 +383,6 @@ def implicit_potentials(geometry, a, b, eps, f, g):
     A dense cost uses the dense adjoint (:class:`ImplicitPotentials`); a point cloud
     the matrix-free one (:class:`sinkhorn_ot.autograd_lazy.ImplicitPointPotentials`).
     """
-    from .errors import ImplicitGradientError
-from .geometry import DenseCost
 
     if isinstance(geometry, DenseCost):
         return ImplicitPotentials.apply(geometry.C, a, b, eps, f, g)
@@ -406,8 +404,6 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
     For a point cloud, ``dV/dC = P`` reaches the points through
     :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan).
     """
-    from .errors import ImplicitGradientError
-from .geometry import DenseCost
 
     if isinstance(geometry, DenseCost):
         C = geometry.C

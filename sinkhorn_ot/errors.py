@@ -21,8 +21,8 @@ from __future__ import annotations
 __all__ = [
     "ImplicitGradientError",
     "KernelUnderflowError",
-    "SinkhornConvergenceWarning",
     "NativeBuildWarning",
+    "SinkhornConvergenceWarning",
     "raise_non_finite",
 ]
 

@@ -17,7 +17,6 @@ from .geometry import DenseCost, Geometry
 from .plan import LazyPlan
 from .result import SinkhornResult
 
-
 #: ``method="auto"`` uses the kernel form only while ``max |C| / eps`` stays below this,
 #: far from where ``exp(-C / eps)`` underflows (about 87 in float32, 708 in float64).
 KERNEL_SAFE_RANGE = {torch.float32: 50.0, torch.float64: 500.0}
