@@ -46,6 +46,13 @@ class Geometry:
         batched: whether the user passed a batch (outputs keep the batch dimension).
         shape: ``(B, N, M)``, always batched.
         dtype, device: of the cost.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import Geometry, PointCloud
+        >>> geometry = PointCloud(torch.randn(2, 5, 3), torch.randn(2, 4, 3))
+        >>> isinstance(geometry, Geometry), geometry.shape, geometry.dense().shape
+        (True, (2, 5, 4), torch.Size([2, 5, 4]))
     """
 
     batched: bool

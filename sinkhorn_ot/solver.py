@@ -335,6 +335,11 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
 def _plan_of(geometry, a, b, eps, f, g):
     if isinstance(geometry, DenseCost):
         return log_plan(geometry.C, safe_log(a), safe_log(b), f, g, eps.unsqueeze(-1))
+    if not torch.is_grad_enabled():
+        # grad="none"/"envelope": the lazy plan computes its products later, outside this
+        # no_grad block, so it must hold detached inputs to be detached like a dense plan.
+        geometry, a, b, eps = geometry.detach(), a.detach(), b.detach(), eps.detach()
+        f, g = f.detach(), g.detach()
     return LazyPlan(geometry, f, g, a, b, eps)
 
 
