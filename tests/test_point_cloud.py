@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -422,6 +423,25 @@ def test_weights_must_match_the_clouds():
         sinkhorn(PointCloud(x, y), None, torch.full((5,), 0.2), eps=0.5, backend="torch")
     with pytest.raises(TypeError, match=r"`C` must be a torch\.Tensor, got list"):
         sinkhorn([[0.0]], eps=0.5)
+
+
+# ------------------------------------------------------------------ the example
+def test_point_clouds_example(tmp_path, capsys):
+    """``python examples/point_clouds.py`` at a small size: it prints, and saves a figure."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location(
+        "point_clouds", ROOT / "examples" / "point_clouds.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "figure.png"
+    assert example.main(["--n", "150", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "the gradient step lands on the barycentric map: True" in printed, printed
+    numbers = example.run(n=120, eps=0.1)
+    assert numbers["value_after_step"] < numbers["value"]
+    assert 0 < numbers["transport_cost"] <= numbers["value"]
 
 
 # ------------------------------------------------------------------ memory
