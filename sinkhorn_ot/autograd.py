@@ -282,20 +282,28 @@ def _solve_h(P, a, b, rf, rg):
     (:func:`_solve_scaled_dense`); above, CG on the Schur complement of the ``(M, M)``
     side (the caller makes ``N >= M``). Zero weights are padding: their μ is 0.
     """
-    real_f, real_g = (a > 0).to(P.dtype), (b > 0).to(P.dtype)
-    a_safe = torch.where(a > 0, a, 1)
-    b_safe = torch.where(b > 0, b, 1)
-    # The system is consistent only orthogonally to (1, -1); remove rounding.
-    count = real_f.sum(-1, keepdim=True) + real_g.sum(-1, keepdim=True)
-    drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
-    rf = rf - drift * real_f
-    rg = rg + drift * real_g
+    real_f, real_g, a_safe, b_safe, rf, rg = consistent_system(a, b, rf, rg)
     if min(P.shape[1], P.shape[2]) <= DENSE_MAX:
         return _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg)
     rhs = rg - torch.bmm(P.transpose(1, 2), (rf / a_safe).unsqueeze(-1)).squeeze(-1)  # (B, M)
     mu_g = _schur_cg(P, a_safe, b_safe, real_g, rhs)
     mu_f = (rf - torch.bmm(P, mu_g.unsqueeze(-1)).squeeze(-1)) / a_safe
     return mu_f * real_f, mu_g
+
+
+def consistent_system(a, b, rf, rg):
+    """Masks and safe weights of ``H μ = (rf, rg)``, and the right-hand side made consistent.
+
+    Returns ``real_f, real_g`` (1 on real entries), ``a_safe, b_safe`` (1 on padding) and
+    ``rf, rg`` with the rounding along ``H``'s null vector ``(1, -1)`` removed (the system
+    is consistent only orthogonally to it).
+    """
+    real_f, real_g = (a > 0).to(rf.dtype), (b > 0).to(rf.dtype)
+    a_safe = torch.where(a > 0, a, 1)
+    b_safe = torch.where(b > 0, b, 1)
+    count = real_f.sum(-1, keepdim=True) + real_g.sum(-1, keepdim=True)
+    drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
+    return real_f, real_g, a_safe, b_safe, rf - drift * real_f, rg + drift * real_g
 
 
 def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg):

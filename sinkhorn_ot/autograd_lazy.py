@@ -25,6 +25,7 @@ from .autograd import (
     _merge_per_problem,
     _off_fixed_point,
     _schur_cg_products,
+    consistent_system,
     fixed_point_kernel,
     last_half_step_grads,
 )
@@ -94,13 +95,7 @@ def adjoint_products(Q: BlockQ, a, b, grad_f, grad_g):
 def _solve_h_products(p_mv, p_rmv, a, b, rf, rg):
     """``[[diag(a), P], [P^T, diag(b)]] (μf, μg) = (rf, rg)`` on the real entries, by CG
     on the Schur complement of the ``b`` side (as :func:`sinkhorn_ot.autograd._solve_h`)."""
-    real_f, real_g = (a > 0).to(rf.dtype), (b > 0).to(rf.dtype)
-    a_safe = torch.where(a > 0, a, 1)
-    b_safe = torch.where(b > 0, b, 1)
-    count = real_f.sum(-1, keepdim=True) + real_g.sum(-1, keepdim=True)
-    drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
-    rf = rf - drift * real_f
-    rg = rg + drift * real_g
+    real_f, real_g, a_safe, b_safe, rf, rg = consistent_system(a, b, rf, rg)
     rhs = rg - p_rmv(rf / a_safe)  # (B, M)
     mu_g = _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs)
     mu_f = (rf - p_mv(mu_g)) / a_safe

@@ -159,4 +159,45 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// Sum over a block of kBlock threads (a multiple of 32); every thread gets the total.
+// `red` is shared scratch of kBlock / 32 doubles.
+template <int kBlock>
+__device__ __forceinline__ double block_sum(double v, double* red) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kBlock / 32; ++w) total += red[w];
+  return total;
+}
+
+// The stopping test of problem b by one block of kBlock threads, between its row pass
+// (f_next in p.fn) and the update f = f_next, shared by the streaming solvers (dense and
+// point clouds): the violation and the decision of rules::, err recorded, the active
+// flag cleared for a problem that stops before max_iter. Returns, in every thread,
+// whether the problem stops. `p` has a, f, fn, N, mass, err, active, eps, t, max_iter,
+// has_tol, tol; `stop` is shared scratch.
+template <int kBlock, typename T, typename Args>
+__device__ __forceinline__ bool block_stop_test(const Args& p, int64_t b, T e, double* red,
+                                                int* stop) {
+  const T* a = p.a + b * p.N;
+  const T* f = p.f + b * p.N;
+  const T* fn = p.fn + b * p.N;
+  double part = 0.0;
+  for (int64_t i = threadIdx.x; i < p.N; i += kBlock) {
+    part += rules::violation_term(a[i], f[i], fn[i], e);
+  }
+  const double total = block_sum<kBlock>(part, red);
+  if (threadIdx.x == 0) {
+    const double viol = total / p.mass[b];
+    p.err[b] = viol;
+    // Non-finite: stop (the torch loop raises; the wrapper raises on this err).
+    const bool stops = rules::should_stop(viol, p.has_tol, p.tol, p.t, p.eps.S, p.max_iter);
+    if (stops && p.t < p.max_iter) p.active[b] = 0;
+    *stop = stops;
+  }
+  __syncthreads();
+  return *stop != 0;
+}
+
 }  // namespace sinkhorn_ot_cuda

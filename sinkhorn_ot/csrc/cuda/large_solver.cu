@@ -320,15 +320,6 @@ struct FinArgs {
   bool has_tol, check;
 };
 
-__device__ __forceinline__ double block_sum(double v, double* red) {
-  v = warp_sum(v);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double total = 0.0;
-  for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-  return total;
-}
-
 // f = f0, h_a for the first column pass, mass, flags.
 template <typename T, bool KM>
 __global__ void __launch_bounds__(kThreads) init_kernel(const FinArgs<T> p) {
@@ -345,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) init_kernel(const FinArgs<T> p) {
     p.ha[b * p.N + i] = half_step_vector<T, KM>(log2_weight(ai), fi, k);
     part += static_cast<double>(ai);
   }
-  const double mass = block_sum(part, red);
+  const double mass = block_sum<kThreads>(part, red);
   if (threadIdx.x == 0) {
     p.mass[b] = mass;
     p.active[b] = 1;
@@ -366,23 +357,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinArgs<T> p) 
   const T* a = p.a + b * p.N;
   T* f = p.f + b * p.N;
   const T* fn = p.fn + b * p.N;
-  if (p.check) {
-    double part = 0.0;
-    for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
-      part += rules::violation_term(a[i], f[i], fn[i], e);
-    }
-    const double total = block_sum(part, red);
-    if (threadIdx.x == 0) {
-      const double viol = total / p.mass[b];
-      p.err[b] = viol;
-      // Non-finite: stop (the torch loop raises; the wrapper raises on this err).
-      const bool stop = rules::should_stop(viol, p.has_tol, p.tol, p.t, p.eps.S, p.max_iter);
-      if (stop && p.t < p.max_iter) p.active[b] = 0;
-      stop_s = stop;
-    }
-    __syncthreads();
-    if (stop_s) return;
-  }
+  if (p.check && block_stop_test<kThreads>(p, b, e, red, &stop_s)) return;
   T* ha = p.ha + b * p.N;
   for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
     const T v = fn[i];

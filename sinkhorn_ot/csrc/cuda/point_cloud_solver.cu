@@ -269,15 +269,6 @@ struct FinArgs {
   bool has_tol, check;
 };
 
-__device__ __forceinline__ double block_sum(double v, double* red) {
-  v = warp_sum(v);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double total = 0.0;
-  for (int w = 0; w < kThreads / 32; ++w) total += red[w];
-  return total;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) init_kernel(const FinArgs<T> p) {
   __shared__ double red[kThreads / 32];
@@ -291,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) init_kernel(const FinArgs<T> p) {
     part += static_cast<double>(ai);
   }
   for (int64_t j = threadIdx.x; j < p.M; j += kThreads) p.lb[b * p.M + j] = log2_weight(p.b[b * p.M + j]);
-  const double mass = block_sum(part, red);
+  const double mass = block_sum<kThreads>(part, red);
   if (threadIdx.x == 0) {
     p.mass[b] = mass;
     p.active[b] = 1;
@@ -308,26 +299,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const FinArgs<T> p) 
   if (b == 0 && threadIdx.x == 0) p.alive[(p.t + 1) & 1] = 0;
   if (!p.active[b]) return;
   const T e = p.eps.at(b, p.t);
-  const T* a = p.a + b * p.N;
   T* f = p.f + b * p.N;
   const T* fn = p.fn + b * p.N;
-  if (p.check) {
-    double part = 0.0;
-    for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
-      part += rules::violation_term(a[i], f[i], fn[i], e);
-    }
-    const double total = block_sum(part, red);
-    if (threadIdx.x == 0) {
-      const double viol = total / p.mass[b];
-      p.err[b] = viol;
-      // Non-finite: stop (the torch loop raises; the wrapper raises on this err).
-      const bool stop = rules::should_stop(viol, p.has_tol, p.tol, p.t, p.eps.S, p.max_iter);
-      if (stop && p.t < p.max_iter) p.active[b] = 0;
-      stop_s = stop;
-    }
-    __syncthreads();
-    if (stop_s) return;
-  }
+  if (p.check && block_stop_test<kThreads>(p, b, e, red, &stop_s)) return;
   for (int64_t i = threadIdx.x; i < p.N; i += kThreads) f[i] = fn[i];
   if (threadIdx.x == 0) {
     p.n_iter[b] += 1;
