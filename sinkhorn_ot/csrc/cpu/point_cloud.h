@@ -96,6 +96,13 @@ struct PointCost {
   // Points p per tile: they share the vector loads of q, and rows * kTileVecs
   // accumulators plus the loads stay within the 16 vector registers of AVX2.
   static constexpr int kRows = F == Form::kDiff ? 2 : 4;
+  static constexpr Form kForm = F;
+  // Whether the cost is affine in the dot product <p, q>: cs * c(p, q) = beta(p) +
+  // gamma(q) - alpha <p, q>, with alpha = 2 cs, beta = cs |p|^2, gamma = cs |q|^2
+  // (sqeuclidean, unclamped) or alpha = cs, beta = 0, gamma = cs (cosine). Then the log
+  // domain folds gamma into the potential summed over and takes beta out of the sum, so
+  // a tile's dot products enter the log-sum-exp with one FMA each (tile<R, true>).
+  static constexpr bool kAffine = (F == Form::kDist && !kSqrt) || F == Form::kCos;
 
   // The register-blocked micro-kernel: calls fold(r, c) for r < R in order, with c[k] =
   // c(p_r, q_{j + k W + lane}) for k < kTileVecs, where p_r = p + r * d (row-major,
@@ -105,7 +112,8 @@ struct PointCost {
   // kTileVecs accumulators in registers; each row's costs go to `fold` as soon as they
   // are formed, so the registers of the rows already folded are free for the fold.
   // Each (r, k) entry sees the same operations whatever R: R rows only share the loads.
-  template <int R, typename T, typename Fold>
+  // With kDots (kAffine costs only) fold gets the dot products <p_r, q_j> themselves.
+  template <int R, bool kDots = false, typename T, typename Fold>
   static inline void tile(const T* p, const T* p_sq, const T* panel, const T* q_sq, int64_t d,
                           const Fold& fold) {
     using Vec = Vectorized<T>;
@@ -142,7 +150,9 @@ struct PointCost {
       SINKHORN_OT_UNROLL
       for (int k = 0; k < K; ++k) {
         Vec v = acc[r][k];
-        if constexpr (F == Form::kDist) {
+        if constexpr (kDots) {
+          static_assert(kAffine, "dot products only for costs affine in them");
+        } else if constexpr (F == Form::kDist) {
           const Vec norms = Vec(p_sq[r]) + Vec::loadu(q_sq + k * W);
           v = at::vec::clamp_min(norms - Vec(T(2)) * v, Vec(T(0)));
         } else if constexpr (F == Form::kCos) {
@@ -159,15 +169,16 @@ struct PointCost {
 // For each of R points p_r = p + r * d: the parts of the log-sum-exp over the m points
 // of q of x_j = h_j - cs * c(p_r, q_j), m >= 1: the maximum top[r] and sum_j exp((x_j -
 // top) / eps) in total[r], as row_lse_parts of softmin.h. `h` holds padded_size(m)
-// entries, -inf past m (so the padding of the last panel drops out). R points share the
-// loads of q.
+// entries, -inf past m (so the padding of the last panel drops out); for Cost::kAffine
+// it is h_j - gamma(q_j) (see PointCost), and the sum runs over h_j - gamma(q_j) + alpha
+// <p_r, q_j>, beta(p_r) subtracted from top[r] at the end. R points share the loads of q.
 template <typename Cost, int R, typename T>
 inline void point_lse_parts(const T* p, const T* p_sq, const Cloud<T>& q, int64_t d, const T* h,
                             int64_t m, T cs, T scale, T* top, T* total) {
   using Vec = Vectorized<T>;
   constexpr int K = kTileVecs;
   constexpr int64_t W = Vec::size(), P = kPanel<T>;
-  const Vec vscale(scale), vcs(cs);
+  const Vec vscale(scale), vcs(cs), valpha(Cost::kForm == Form::kDist ? T(2) * cs : cs);
   LseLanes<T> lanes[R];
   auto term = [&](const Vec& x, const Vec& shift) {
     return ExpTerm<T>::apply(at::vec::fmsub(x, vscale, shift));
@@ -175,12 +186,17 @@ inline void point_lse_parts(const T* p, const T* p_sq, const Cloud<T>& q, int64_
   const T* panel = q.cols;
   for (int64_t j = 0; j < m; j += P, panel += P * d) {
     const bool first = j == 0;
-    Cost::template tile<R>(p, p_sq, panel, q.sq + j, d, [&](int r, const Vec (&c)[K]) {
+    Cost::template tile<R, Cost::kAffine>(p, p_sq, panel, q.sq + j, d, [&](int r,
+                                                                          const Vec (&c)[K]) {
       Vec x[K];
       Vec tile_max = Vec(kLowest<T>);  // finite: see LseLanes::shift()
       SINKHORN_OT_UNROLL
       for (int k = 0; k < K; ++k) {
-        x[k] = Vec::loadu(h + j + k * W) - vcs * c[k];
+        if constexpr (Cost::kAffine) {
+          x[k] = at::vec::fmadd(valpha, c[k], Vec::loadu(h + j + k * W));
+        } else {
+          x[k] = Vec::loadu(h + j + k * W) - vcs * c[k];
+        }
         tile_max = fast_max(tile_max, x[k]);
       }
       if (first) {
@@ -198,9 +214,10 @@ inline void point_lse_parts(const T* p, const T* p_sq, const Cloud<T>& q, int64_
   }
   SINKHORN_OT_UNROLL
   for (int r = 0; r < R; ++r) {
-    top[r] = reduce_max(lanes[r].max);
+    const T lane_top = reduce_max(lanes[r].max);
     total[r] =
-        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(top[r])) * vscale));
+        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(lane_top)) * vscale));
+    top[r] = Cost::kAffine && Cost::kForm == Form::kDist ? lane_top - cs * p_sq[r] : lane_top;
   }
 }
 
@@ -361,7 +378,11 @@ struct PointLogSteps : PointStepsBase<T, For> {
       return;
     }
     T* h = this->ws.shifted.data();  // padded_size(nq) entries: see solve_points_problem
-    for (int64_t q = 0; q < nq; ++q) h[q] = pot[q] + this->eps * log_w[q];
+    const T cs_ = this->geo.cost_scale;
+    for (int64_t q = 0; q < nq; ++q) {
+      h[q] = pot[q] + this->eps * log_w[q];
+      if constexpr (Cost::kAffine) h[q] -= Cost::kForm == Form::kDist ? cs_ * other.sq[q] : cs_;
+    }
     std::fill(h + nq, h + padded_size<T>(nq), kMinusInf<T>);
     const int64_t d = this->geo.d;
     const T e = this->eps, s = scale, cs = this->geo.cost_scale;
