@@ -38,6 +38,17 @@
 #include "softmin.h"
 #include "steps.h"
 
+// Fully unrolls a loop of compile-time trip count, so that arrays of vectors indexed by
+// its counter stay in registers (GCC otherwise keeps the micro-kernel's accumulators in
+// memory when a later loop over them is not unrolled).
+#if defined(__clang__)
+#define SINKHORN_OT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define SINKHORN_OT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define SINKHORN_OT_UNROLL
+#endif
+
 namespace sinkhorn_ot::cpu {
 
 enum class CostKind { kSqEuclidean, kEuclidean, kCosine };
@@ -52,14 +63,26 @@ enum class Form {
   kCos,   // 1 - <p, q>, of normalised points
 };
 
-// Points per panel of the packed layout: one tile of 4 vectors.
+// The micro-kernel tile: kTileVecs vectors of consecutive points summed over (W of them
+// per vector) against a few points whose potentials are computed (PointCost::kRows).
+inline constexpr int kTileVecs = 3;
+
+// Points per panel of the packed layout: one tile's columns.
 template <typename T>
-inline constexpr int64_t kPanel = 4 * Vectorized<T>::size();
+inline constexpr int64_t kPanel = kTileVecs * Vectorized<T>::size();
+
+// n rounded up to whole panels.
+template <typename T>
+inline int64_t padded_size(int64_t n) {
+  constexpr int64_t P = kPanel<T>;
+  return (n + P - 1) / P * P;
+}
 
 // One side's points: `rows` (n, d) row-major; `cols` the same packed in panels of
 // kPanel points, coordinate-major within a panel (point j, coordinate t at
 // (j / P) * P * d + t * P + j % P, zero-filled up to whole panels), so that a tile
-// reads its coordinates contiguously; `sq` (n,) their squared norms |p|^2.
+// reads its coordinates contiguously, one vector load per W points and coordinate;
+// `sq` (padded_size(n),) their squared norms |p|^2 (zeros past n).
 template <typename T>
 struct Cloud {
   const T* rows;
@@ -68,175 +91,193 @@ struct Cloud {
   int64_t n;
 };
 
-// Offset of point j (a multiple of the vector width), coordinate 0, in Cloud::cols.
-template <typename T>
-inline int64_t panel_offset(int64_t j, int64_t d) {
-  constexpr int64_t P = kPanel<T>;
-  return (j / P) * P * d + j % P;
-}
-
 template <Form F, bool kSqrt>
 struct PointCost {
-  // c[r][k] = c(p_r, q_{j + k W + lane}) for r < R, k < K, where p_r is one point
-  // (coordinates p[r], squared norm p_sq[r]) and q the points of `q`; vector lanes are
-  // read through `load` (masked at the tail, where the lanes past the end read 0). Each
-  // (r, k) entry sees the same operations whatever R: R rows only share the loads.
-  template <int R, int K, typename T, typename Load>
-  static inline void tile(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
-                          int64_t j, const Load& load, Vectorized<T> (*c)[K]) {
+  // Points p per tile: they share the vector loads of q, and rows * kTileVecs
+  // accumulators plus the loads stay within the 16 vector registers of AVX2.
+  static constexpr int kRows = F == Form::kDiff ? 2 : 4;
+  static constexpr Form kForm = F;
+  // Whether the cost is affine in the dot product <p, q>: cs * c(p, q) = beta(p) +
+  // gamma(q) - alpha <p, q>, with alpha = 2 cs, beta = cs |p|^2, gamma = cs |q|^2
+  // (sqeuclidean, unclamped) or alpha = cs, beta = 0, gamma = cs (cosine). Then the log
+  // domain folds gamma into the potential summed over and takes beta out of the sum, so
+  // a tile's dot products enter the log-sum-exp with one FMA each (tile<R, true>).
+  static constexpr bool kAffine = (F == Form::kDist && !kSqrt) || F == Form::kCos;
+
+  // The register-blocked micro-kernel: calls fold(r, c) for r < R in order, with c[k] =
+  // c(p_r, q_{j + k W + lane}) for k < kTileVecs, where p_r = p + r * d (row-major,
+  // squared norm p_sq[r]) and q the panel of points j.. at `panel` (squared norms from
+  // q_sq, already offset by j). Accumulates over the coordinates with one FMA per (r, k)
+  // from one broadcast of p_r's coordinate and kTileVecs loads of the panel, the R *
+  // kTileVecs accumulators in registers; each row's costs go to `fold` as soon as they
+  // are formed, so the registers of the rows already folded are free for the fold.
+  // Each (r, k) entry sees the same operations whatever R: R rows only share the loads.
+  // With kDots (kAffine costs only) fold gets the dot products <p_r, q_j> themselves.
+  template <int R, bool kDots = false, typename T, typename Fold>
+  static inline void tile(const T* p, const T* p_sq, const T* panel, const T* q_sq, int64_t d,
+                          const Fold& fold) {
     using Vec = Vectorized<T>;
+    constexpr int K = kTileVecs;
     constexpr int64_t W = Vec::size();
+    Vec acc[R][K];
+    SINKHORN_OT_UNROLL
     for (int r = 0; r < R; ++r) {
-      for (int k = 0; k < K; ++k) c[r][k] = Vec(T(0));
+      SINKHORN_OT_UNROLL
+      for (int k = 0; k < K; ++k) acc[r][k] = Vec(T(0));
     }
-    const T* col = q.cols + panel_offset<T>(j, d);
+    const T* col = panel;
     for (int64_t t = 0; t < d; ++t, col += kPanel<T>) {
       Vec qv[K];
-      for (int k = 0; k < K; ++k) qv[k] = load(col + k * W);
+      SINKHORN_OT_UNROLL
+      for (int k = 0; k < K; ++k) qv[k] = Vec::loadu(col + k * W);
+      SINKHORN_OT_UNROLL
       for (int r = 0; r < R; ++r) {
-        const Vec pt(p[r][t]);
+        const Vec pt(p[r * d + t]);
+        SINKHORN_OT_UNROLL
         for (int k = 0; k < K; ++k) {
           if constexpr (F == Form::kDiff) {
             const Vec diff = qv[k] - pt;
-            c[r][k] = at::vec::fmadd(diff, diff, c[r][k]);
+            acc[r][k] = at::vec::fmadd(diff, diff, acc[r][k]);
           } else {
-            c[r][k] = at::vec::fmadd(pt, qv[k], c[r][k]);
+            acc[r][k] = at::vec::fmadd(pt, qv[k], acc[r][k]);
           }
         }
       }
     }
+    SINKHORN_OT_UNROLL
     for (int r = 0; r < R; ++r) {
+      Vec c[K];
+      SINKHORN_OT_UNROLL
       for (int k = 0; k < K; ++k) {
-        if constexpr (F == Form::kDist) {
-          const Vec norms = Vec(p_sq[r]) + load(q.sq + j + k * W);
-          c[r][k] = at::vec::clamp_min(norms - Vec(T(2)) * c[r][k], Vec(T(0)));
+        Vec v = acc[r][k];
+        if constexpr (kDots) {
+          static_assert(kAffine, "dot products only for costs affine in them");
+        } else if constexpr (F == Form::kDist) {
+          const Vec norms = Vec(p_sq[r]) + Vec::loadu(q_sq + k * W);
+          v = at::vec::clamp_min(norms - Vec(T(2)) * v, Vec(T(0)));
         } else if constexpr (F == Form::kCos) {
-          c[r][k] = Vec(T(1)) - c[r][k];
+          v = Vec(T(1)) - v;
         }
-        if constexpr (kSqrt) c[r][k] = c[r][k].sqrt();
+        if constexpr (kSqrt) v = v.sqrt();
+        c[k] = v;
       }
+      fold(r, c);
     }
   }
 };
 
-// For each of R points p_r: the parts of the log-sum-exp over the m points of q of
-// x_j = h_j - cs * c(p_r, q_j), m >= 1: the maximum top[r] and sum_j exp((x_j - top) /
-// eps) in total[r], as row_lse_parts of softmin.h. R points share the loads of q.
+// For each of R points p_r = p + r * d: the parts of the log-sum-exp over the m points
+// of q of x_j = h_j - cs * c(p_r, q_j), m >= 1: the maximum top[r] and sum_j exp((x_j -
+// top) / eps) in total[r], as row_lse_parts of softmin.h. `h` holds padded_size(m)
+// entries, -inf past m (so the padding of the last panel drops out); for Cost::kAffine
+// it is h_j - gamma(q_j) (see PointCost), and the sum runs over h_j - gamma(q_j) + alpha
+// <p_r, q_j>, beta(p_r) subtracted from top[r] at the end. R points share the loads of q.
 template <typename Cost, int R, typename T>
-inline void point_lse_parts(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
-                            const T* h, int64_t m, T cs, T scale, T* top, T* total) {
+inline void point_lse_parts(const T* p, const T* p_sq, const Cloud<T>& q, int64_t d, const T* h,
+                            int64_t m, T cs, T scale, T* top, T* total) {
   using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vscale(scale), vcs(cs);
-  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
+  constexpr int K = kTileVecs;
+  constexpr int64_t W = Vec::size(), P = kPanel<T>;
+  const Vec vscale(scale), vcs(cs), valpha(Cost::kForm == Form::kDist ? T(2) * cs : cs);
   LseLanes<T> lanes[R];
   auto term = [&](const Vec& x, const Vec& shift) {
     return ExpTerm<T>::apply(at::vec::fmsub(x, vscale, shift));
   };
-  auto tile = [&](int64_t j, bool first) {
-    Vec x[R][4];
-    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, x);
-    for (int r = 0; r < R; ++r) {
-      for (int k = 0; k < 4; ++k) x[r][k] = Vec::loadu(h + j + k * W) - vcs * x[r][k];
-      const Vec tile_max = fast_max(fast_max(x[r][0], x[r][1]), fast_max(x[r][2], x[r][3]));
+  const T* panel = q.cols;
+  for (int64_t j = 0; j < m; j += P, panel += P * d) {
+    const bool first = j == 0;
+    Cost::template tile<R, Cost::kAffine>(p, p_sq, panel, q.sq + j, d, [&](int r,
+                                                                          const Vec (&c)[K]) {
+      Vec x[K];
+      Vec tile_max = Vec(kLowest<T>);  // finite: see LseLanes::shift()
+      SINKHORN_OT_UNROLL
+      for (int k = 0; k < K; ++k) {
+        if constexpr (Cost::kAffine) {
+          x[k] = at::vec::fmadd(valpha, c[k], Vec::loadu(h + j + k * W));
+        } else {
+          x[k] = Vec::loadu(h + j + k * W) - vcs * c[k];
+        }
+        tile_max = fast_max(tile_max, x[k]);
+      }
       if (first) {
-        lanes[r].max = fast_max(tile_max, Vec(kLowest<T>));  // finite: see LseLanes::shift()
+        lanes[r].max = tile_max;
         lanes[r].sum = Vec(T(0));
       } else {
         lanes[r].cover(tile_max, vscale);
       }
       const Vec shift = lanes[r].shift(vscale);
-      lanes[r].sum += (term(x[r][0], shift) + term(x[r][1], shift)) +
-                      (term(x[r][2], shift) + term(x[r][3], shift));
-    }
-  };
-  auto single = [&](int64_t j, Vec* x) {
-    for (int r = 0; r < R; ++r) {
-      if (j == 0) {
-        lanes[r].max = fast_max(x[r], Vec(kLowest<T>));
-        lanes[r].sum = Vec(T(0));
-      } else {
-        lanes[r].cover(x[r], vscale);
-      }
-      lanes[r].sum += term(x[r], lanes[r].shift(vscale));
-    }
-  };
-  int64_t j = 0;
-  if (m >= 4 * W) {
-    tile(0, true);
-    for (j = 4 * W; j + 4 * W <= m; j += 4 * W) tile(j, false);
+      Vec s = term(x[0], shift);
+      SINKHORN_OT_UNROLL
+      for (int k = 1; k < K; ++k) s += term(x[k], shift);
+      lanes[r].sum += s;
+    });
   }
-  for (; j + W <= m; j += W) {
-    Vec c[R][1], x[R];
-    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
-    for (int r = 0; r < R; ++r) x[r] = Vec::loadu(h + j) - vcs * c[r][0];
-    single(j, x);
-  }
-  if (j < m) {
-    const Lanes<T> tail(m - j);
-    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
-    Vec c[R][1], x[R];
-    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
-    for (int r = 0; r < R; ++r) x[r] = tail.fill(tail.load(h + j) - vcs * c[r][0], kMinusInf<T>);
-    single(j, x);
-  }
+  SINKHORN_OT_UNROLL
   for (int r = 0; r < R; ++r) {
-    top[r] = reduce_max(lanes[r].max);
+    const T lane_top = reduce_max(lanes[r].max);
     total[r] =
-        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(top[r])) * vscale));
+        reduce_sum(lanes[r].sum * ExpTerm<T>::apply((lanes[r].max - Vec(lane_top)) * vscale));
+    top[r] = Cost::kAffine && Cost::kForm == Form::kDist ? lane_top - cs * p_sq[r] : lane_top;
   }
 }
 
-// For each of R points p_r: sum over the m points of q of exp(-cs * c(p_r, q_j) / eps) v_j
-// into out[r], the kernel formed as in fill_kernel (kernel_form.h), so it underflows to
-// the same zeros. R points share the loads of q.
+// For each of R points p_r = p + r * d: sum over the m points of q of exp(-cs * c(p_r,
+// q_j) / eps) v_j into out[r], the kernel formed as in fill_kernel (kernel_form.h), so
+// it underflows to the same zeros. `v` holds padded_size(m) entries, zeros past m; the
+// kernel entries of the padding are zeroed too (an overflowing inf times 0 would read
+// NaN). R points share the loads of q.
 template <typename Cost, int R, typename T>
-inline void point_kernel_dot(const T* const* p, const T* p_sq, const Cloud<T>& q, int64_t d,
-                             const T* v, int64_t m, T cs, T eps, T* out) {
+inline void point_kernel_dot(const T* p, const T* p_sq, const Cloud<T>& q, int64_t d, const T* v,
+                             int64_t m, T cs, T eps, T* out) {
   using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
+  constexpr int K = kTileVecs;
+  constexpr int64_t W = Vec::size(), P = kPanel<T>;
   const Vec vcs(cs), veps(eps);
-  const auto full = [](const T* ptr) { return Vec::loadu(ptr); };
   auto kern = [&](const Vec& c) { return ((Vec(T(0)) - vcs * c) / veps).exp(); };
-  Vec s[R][4];
+  Vec s[R][K];
+  SINKHORN_OT_UNROLL
   for (int r = 0; r < R; ++r) {
-    for (int k = 0; k < 4; ++k) s[r][k] = Vec(T(0));
+    SINKHORN_OT_UNROLL
+    for (int k = 0; k < K; ++k) s[r][k] = Vec(T(0));
   }
+  const T* panel = q.cols;
+  const int64_t full = m / P * P;
   int64_t j = 0;
-  for (; j + 4 * W <= m; j += 4 * W) {
-    Vec c[R][4];
-    Cost::template tile<R, 4>(p, p_sq, q, d, j, full, c);
-    for (int k = 0; k < 4; ++k) {
-      const Vec vk = Vec::loadu(v + j + k * W);
-      for (int r = 0; r < R; ++r) s[r][k] = at::vec::fmadd(kern(c[r][k]), vk, s[r][k]);
-    }
-  }
-  for (; j + W <= m; j += W) {
-    Vec c[R][1];
-    Cost::template tile<R, 1>(p, p_sq, q, d, j, full, c);
-    const Vec vj = Vec::loadu(v + j);
-    for (int r = 0; r < R; ++r) s[r][0] = at::vec::fmadd(kern(c[r][0]), vj, s[r][0]);
+  for (; j < full; j += P, panel += P * d) {
+    Cost::template tile<R>(p, p_sq, panel, q.sq + j, d, [&](int r, const Vec (&c)[K]) {
+      SINKHORN_OT_UNROLL
+      for (int k = 0; k < K; ++k) {
+        s[r][k] = at::vec::fmadd(kern(c[k]), Vec::loadu(v + j + k * W), s[r][k]);
+      }
+    });
   }
   if (j < m) {
-    const Lanes<T> tail(m - j);
-    const auto masked = [&](const T* ptr) { return tail.load(ptr); };
-    Vec c[R][1];
-    Cost::template tile<R, 1>(p, p_sq, q, d, j, masked, c);
-    const Vec vj = tail.load(v + j);
-    for (int r = 0; r < R; ++r) {
-      s[r][1] = at::vec::fmadd(tail.fill(kern(c[r][0]), T(0)), vj, s[r][1]);
-    }
+    Cost::template tile<R>(p, p_sq, panel, q.sq + j, d, [&](int r, const Vec (&c)[K]) {
+      SINKHORN_OT_UNROLL
+      for (int k = 0; k < K && j + k * W < m; ++k) {
+        const Lanes<T> tail(std::min<int64_t>(m - j - k * W, W));
+        const Vec vk = Vec::loadu(v + j + k * W);
+        s[r][k] = at::vec::fmadd(tail.fill(kern(c[k]), T(0)), vk, s[r][k]);
+      }
+    });
   }
-  for (int r = 0; r < R; ++r) out[r] = reduce_sum((s[r][0] + s[r][1]) + (s[r][2] + s[r][3]));
+  SINKHORN_OT_UNROLL
+  for (int r = 0; r < R; ++r) {
+    Vec total = s[r][0];
+    SINKHORN_OT_UNROLL
+    for (int k = 1; k < K; ++k) total += s[r][k];
+    out[r] = reduce_sum(total);
+  }
 }
 
-// Runs fn(rows_tag, r) over the points r in [r0, r1), two at a time (rows_tag an
-// integral_constant of the count), so that two points share the loads of the other side.
-template <typename F>
-inline void for_point_pairs(int64_t r0, int64_t r1, const F& fn) {
+// Runs fn(rows_tag, r) over the points r in [r0, r1), kRows at a time (rows_tag an
+// integral_constant of the count) and the rest one by one, so that kRows points share
+// the loads of the other side.
+template <int kRows, typename F>
+inline void for_point_groups(int64_t r0, int64_t r1, const F& fn) {
   int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) fn(std::integral_constant<int, 2>{}, r);
-  if (r < r1) fn(std::integral_constant<int, 1>{}, r);
+  for (; r + kRows <= r1; r += kRows) fn(std::integral_constant<int, kRows>{}, r);
+  for (; r < r1; ++r) fn(std::integral_constant<int, 1>{}, r);
 }
 
 // The two clouds of a problem and the cost's scale.
@@ -267,7 +308,8 @@ inline Cloud<T> make_cloud(const T* pts, int64_t n, int64_t d, bool normalise,
   const int64_t packed = (n + P - 1) / P * P * d;
   T* c = grow(cols, packed);
   std::fill(c, c + packed, T(0));
-  T* s = grow(sq, n);
+  T* s = grow(sq, padded_size<T>(n));
+  std::fill(s + n, s + padded_size<T>(n), T(0));
   for (int64_t i = 0; i < n; ++i) {
     T norm2 = T(0);
     T* dst = c + (i / P) * P * d + i % P;
@@ -335,16 +377,20 @@ struct PointLogSteps : PointStepsBase<T, For> {
       for (int64_t r = r0; r < r1; ++r) out[r] = std::numeric_limits<T>::infinity();
       return;
     }
-    T* h = this->ws.shifted.data();
-    for (int64_t q = 0; q < nq; ++q) h[q] = pot[q] + this->eps * log_w[q];
+    T* h = this->ws.shifted.data();  // padded_size(nq) entries: see solve_points_problem
+    const T cs_ = this->geo.cost_scale;
+    for (int64_t q = 0; q < nq; ++q) {
+      h[q] = pot[q] + this->eps * log_w[q];
+      if constexpr (Cost::kAffine) h[q] -= Cost::kForm == Form::kDist ? cs_ * other.sq[q] : cs_;
+    }
+    std::fill(h + nq, h + padded_size<T>(nq), kMinusInf<T>);
     const int64_t d = this->geo.d;
     const T e = this->eps, s = scale, cs = this->geo.cost_scale;
     this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
-      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+      for_point_groups<Cost::kRows>(a0, a1, [&](auto rows_tag, int64_t r) {
         constexpr int R = decltype(rows_tag)::value;
-        const T* pts[R];
-        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
-        point_lse_parts<Cost, R>(pts, mine.sq + r, other, d, h, nq, cs, s, top + r, out + r);
+        point_lse_parts<Cost, R>(mine.rows + r * d, mine.sq + r, other, d, h, nq, cs, s, top + r,
+                                 out + r);
       });
       finish_softmin(top, out, a0, a1, e);
     });
@@ -377,16 +423,16 @@ struct PointKernelSteps : PointStepsBase<T, For> {
   // points r in [r0, r1) of `mine`.
   void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
             int64_t nq, T* out, int64_t r0, int64_t r1) {
-    T* v = this->ws.scal.data();
+    T* v = this->ws.scal.data();  // padded_size(nq) entries: see solve_points_problem
     scalings(log_w, pot, nq, this->eps, v);
+    std::fill(v + nq, v + padded_size<T>(nq), T(0));
     const int64_t d = this->geo.d;
     const T e = this->eps, cs = this->geo.cost_scale;
     this->par(r0, r1, this->grain(nq), [&](int64_t a0, int64_t a1) {
-      for_point_pairs(a0, a1, [&](auto rows_tag, int64_t r) {
+      for_point_groups<Cost::kRows>(a0, a1, [&](auto rows_tag, int64_t r) {
         constexpr int R = decltype(rows_tag)::value;
-        const T* pts[R];
-        for (int i = 0; i < R; ++i) pts[i] = mine.rows + (r + i) * d;
-        point_kernel_dot<Cost, R>(pts, mine.sq + r, other, d, v, nq, cs, e, out + r);
+        point_kernel_dot<Cost, R>(mine.rows + r * d, mine.sq + r, other, d, v, nq, cs, e,
+                                  out + r);
       });
       finish_neg_log(out, a0, a1, e);
     });
@@ -416,6 +462,10 @@ Outcome solve_points_problem(const Problem<T>& p, const T* x, const T* y, int64_
                              Workspace<T>& ws, const For& par) {
   const auto sizes = prepare_problem(p, ws);
   const int64_t n_eff = sizes.first, m_eff = sizes.second;
+  // The potentials summed over, shifted or scaled, fill whole panels.
+  const int64_t nm_padded = padded_size<T>(std::max(p.n, p.m));
+  grow(ws.shifted, nm_padded);
+  grow(ws.scal, nm_padded);
   const bool normalise = kind == CostKind::kCosine;
   const Geometry<T> geo{make_cloud(x, p.n, d, normalise, ws.x_rows, ws.x_cols, ws.x_sq),
                         make_cloud(y, p.m, d, normalise, ws.y_rows, ws.y_cols, ws.y_sq), d,
