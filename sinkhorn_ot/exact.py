@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 import torch
 
 from . import _validation as v
@@ -78,6 +76,9 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
 
 
 def _solve_one(C: np.ndarray, a: np.ndarray, b: np.ndarray):
+    import scipy.optimize  # imported on first use: it takes half a second
+    import scipy.sparse
+
     rows, cols = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
     n, m = len(rows), len(cols)
     cost = C[np.ix_(rows, cols)]
