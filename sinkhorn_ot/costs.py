@@ -1,8 +1,19 @@
-"""Cost matrices between point clouds, batched: ``(B, N, d), (B, M, d) -> (B, N, M)``."""
+"""Cost matrices between point clouds, batched: ``(B, N, d), (B, M, d) -> (B, N, M)``.
+
+Each builder takes tensors or NumPy arrays (anything :func:`torch.as_tensor` reads) and
+returns a NumPy array when neither ``x`` nor ``y`` is a tensor, like ``ot.dist``:
+
+    >>> import numpy as np
+    >>> from sinkhorn_ot.costs import sqeuclidean
+    >>> sqeuclidean(np.zeros((1, 2)), np.ones((3, 2)))
+    array([[2., 2., 2.]])
+"""
 
 from __future__ import annotations
 
 import torch
+
+from ._arrays import Arrays
 
 
 def _check_points(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -33,10 +44,12 @@ def sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         >>> sqeuclidean(torch.zeros(1, 2), torch.ones(3, 2)).tolist()
         [[2.0, 2.0, 2.0]]
     """
+    arrays = Arrays(x, y)
+    x, y = arrays.tensor(x), arrays.tensor(y)
     _check_points(x, y)
     xx = (x * x).sum(-1).unsqueeze(-1)  # (B, N, 1)
     yy = (y * y).sum(-1).unsqueeze(-2)  # (B, 1, M)
-    return (xx + yy - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
+    return arrays.back((xx + yy - 2 * x @ y.transpose(-1, -2)).clamp_min(0))
 
 
 def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,8 +68,10 @@ def euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         >>> euclidean(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])).tolist()
         [[5.0]]
     """
+    arrays = Arrays(x, y)
+    x, y = arrays.tensor(x), arrays.tensor(y)
     _check_points(x, y)
-    return torch.cdist(x, y)
+    return arrays.back(torch.cdist(x, y))
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -76,7 +91,9 @@ def cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         >>> cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0], [3.0, 0.0]])).tolist()
         [[1.0, 0.0]]
     """
+    arrays = Arrays(x, y)
+    x, y = arrays.tensor(x), arrays.tensor(y)
     _check_points(x, y)
     xn = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
     yn = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return 1 - xn @ yn.transpose(-1, -2)
+    return arrays.back(1 - xn @ yn.transpose(-1, -2))

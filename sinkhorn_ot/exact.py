@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 import torch
 
+from . import _arrays
 from . import _validation as v
 
 
@@ -49,12 +48,15 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
     padded column's ``g_j`` of all of ``f``), so ``f_i + g_j <= C_ij`` for every entry.
 
     Args:
-        C: cost ``(N, M)`` or ``(B, N, M)``.
+        C: cost ``(N, M)`` or ``(B, N, M)``: a tensor, a NumPy array or anything
+            :func:`torch.as_tensor` reads (as are ``a`` and ``b``).
         a: row weights ``(N,)``/``(B, N)``, default uniform.
         b: column weights ``(M,)``/``(B, M)``, default uniform; same mass as ``a``.
 
     Returns:
-        :class:`EMDResult` in ``C``'s dtype and device (unbatched for unbatched input).
+        :class:`EMDResult` in ``C``'s dtype and device (unbatched for unbatched input);
+        its fields are NumPy arrays when no argument is a tensor (NumPy arrays or lists
+        in, like ``ot.emd``).
 
     Example:
         >>> import torch
@@ -64,6 +66,8 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
         >>> (res.plan + 0.0).tolist(), float(res.value)
         ([[0.5, 0.0], [0.0, 0.5]], 0.0)
     """
+    arrays = _arrays.Arrays(C, a, b)  # NumPy in, NumPy out
+    C, a, b = map(arrays.tensor, (C, a, b))
     problem = v.check_problem(C, a, b, 1.0)
     Cs = problem.C.detach().cpu().double().numpy()
     As = problem.a.detach().cpu().double().numpy()
@@ -73,11 +77,14 @@ def emd(C: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None =
     plan, f, g = (torch.as_tensor(np.stack([o[i] for o in outs]), **kw) for i in range(3))
     value = (plan * problem.C).sum(dim=(1, 2))
     if not problem.batched:
-        return EMDResult(plan[0], value[0], f[0], g[0])
-    return EMDResult(plan, value, f, g)
+        return arrays.back(EMDResult(plan[0], value[0], f[0], g[0]))
+    return arrays.back(EMDResult(plan, value, f, g))
 
 
 def _solve_one(C: np.ndarray, a: np.ndarray, b: np.ndarray):
+    import scipy.optimize  # imported on first use: it takes half a second
+    import scipy.sparse
+
     rows, cols = np.flatnonzero(a > 0), np.flatnonzero(b > 0)
     n, m = len(rows), len(cols)
     cost = C[np.ix_(rows, cols)]

@@ -36,6 +36,7 @@ from ._build import ENV_SWITCH as ENV_SWITCH
 from ._build import (
     availability,
     build,
+    build_directory,
     cpu_compile_flags,
     cpu_sources,
     enabled,
@@ -48,6 +49,7 @@ __all__ = [
     "NativeBuildWarning",
     "availability",
     "build",
+    "build_directory",
     "cpu_compile_flags",
     "cpu_sources",
     "enabled",

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._arrays import Arrays
+
 
 def pad_batch(
     list_of_C: Sequence[torch.Tensor],
@@ -24,7 +26,9 @@ def pad_batch(
         list_of_b: ``B`` column weights ``(M_k,)`` or ``None`` entries.
 
     Returns:
-        ``C (B, N, M)``, ``a (B, N)``, ``b (B, M)`` with ``N = max N_k``, ``M = max M_k``.
+        ``C (B, N, M)``, ``a (B, N)``, ``b (B, M)`` with ``N = max N_k``, ``M = max M_k``;
+        NumPy arrays when the entries are NumPy arrays (no tensor among them), tensors
+        otherwise.
 
     Example:
         >>> import torch
@@ -44,6 +48,10 @@ def pad_batch(
     count = len(list_of_C)
     list_of_a = _check_list("list_of_a", list_of_a, count)
     list_of_b = _check_list("list_of_b", list_of_b, count)
+    arrays = Arrays(*list_of_C, *list_of_a, *list_of_b)  # NumPy in, NumPy out
+    list_of_C = [arrays.tensor(C) for C in list_of_C]
+    list_of_a = [arrays.tensor(w) for w in list_of_a]
+    list_of_b = [arrays.tensor(w) for w in list_of_b]
     first = list_of_C[0]
     for k, C in enumerate(list_of_C):
         if not isinstance(C, torch.Tensor) or C.dim() != 2:
@@ -67,7 +75,7 @@ def pad_batch(
         C_out[k, :nk, :mk] = C
         a_out[k, :nk] = a_k
         b_out[k, :mk] = b_k
-    return C_out, a_out, b_out
+    return arrays.back((C_out, a_out, b_out))
 
 
 def _check_list(name, values, count):

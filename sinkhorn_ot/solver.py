@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from . import _build, ops
+from . import _arrays, _build, ops
 from . import _validation as v
 from ._loop import KernelUnderflowError, eps_table, solve
 from ._updates import log_plan, safe_log
@@ -49,7 +49,10 @@ def sinkhorn(
 
     Args:
         C: cost, ``(N, M)`` or ``(B, N, M)``, float16/bfloat16 (computed in float32),
-            float32 or float64. Unbatched input gives unbatched outputs.
+            float32 or float64. Unbatched input gives unbatched outputs. ``C``, ``a``,
+            ``b``, a ``(B,)`` ``eps`` and ``init`` may also be NumPy arrays (or anything
+            :func:`torch.as_tensor` reads); with no tensor among ``C``, ``a``, ``b`` the
+            result's fields are NumPy arrays (POT users' first line works unchanged).
         a: row weights ``(N,)``/``(B, N)``, non-negative; ``None`` = uniform (with the
             mass of ``b`` if ``b`` is given, else 1). Zero weights mark padding and give
             exactly-zero plan rows.
@@ -92,6 +95,8 @@ def sinkhorn(
         >>> torch.allclose(res.plan.sum(-1), torch.full((8, 5), 1 / 5, dtype=torch.float64), atol=1e-5)
         True
     """
+    arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
+    C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
     method = v.check_choice("method", method, v.METHODS)
     grad = v.check_choice("grad", grad, v.GRADS)
     backend = v.check_choice("backend", backend, v.BACKENDS)
@@ -183,7 +188,7 @@ def sinkhorn(
             SinkhornConvergenceWarning,
             stacklevel=2,
         )
-    return result if problem.batched else _unbatch(result)
+    return arrays.back(result if problem.batched else _unbatch(result))
 
 
 def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
