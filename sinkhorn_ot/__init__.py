@@ -13,7 +13,7 @@ from .costs import cosine, euclidean, sqeuclidean
 from .errors import ImplicitGradientError, SinkhornConvergenceWarning
 from .exact import EMDResult, emd
 from .geometry import DenseCost, Geometry, PointCloud
-from .padding import pad_batch
+from .padding import pad_batch, pad_points
 from .plan import LazyPlan
 from .result import SinkhornResult
 from .solver import sinkhorn
@@ -34,6 +34,7 @@ __all__ = [
     "emd",
     "euclidean",
     "pad_batch",
+    "pad_points",
     "sinkhorn",
     "sqeuclidean",
 ]

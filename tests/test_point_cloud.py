@@ -509,3 +509,37 @@ def test_point_cloud_memory_is_linear():
     assert out["extra_mb"] < 150, out
     assert abs(out["mass"] - 1) < 1e-3, out  # the plan is a (nearly) coupling
     assert out["value_linear"] > 0, out
+
+
+def test_pad_points_batch_equals_a_loop_of_single_problems():
+    """A ragged batch built by pad_points solves each problem as if it were alone."""
+    from sinkhorn_ot import pad_points
+
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(4, 6), (7, 3), (2, 5)]
+    xs = [torch.randn(n, 2, generator=gen, dtype=torch.float64) for n, _ in sizes]
+    ys = [torch.randn(m, 2, generator=gen, dtype=torch.float64) + 0.5 for _, m in sizes]
+    bs = [torch.rand(m, generator=gen, dtype=torch.float64) + 0.1 for _, m in sizes]
+    bs = [w / w.sum() for w in bs]
+    x, y, a, b = pad_points(xs, ys, None, bs)
+    assert x.shape == (3, 7, 2) and y.shape == (3, 6, 2)
+    batched = sinkhorn(PointCloud(x, y), a, b, eps=0.3, tol=1e-12, max_iter=5000)
+    dense = batched.plan.to_dense()
+    for k, (n, m) in enumerate(sizes):
+        alone = sinkhorn(PointCloud(xs[k], ys[k]), None, bs[k], eps=0.3, tol=1e-12, max_iter=5000)
+        torch.testing.assert_close(dense[k, :n, :m], alone.plan.to_dense(), rtol=1e-9, atol=1e-12)
+        assert bool((dense[k, n:] == 0).all()) and bool((dense[k, :, m:] == 0).all())
+        torch.testing.assert_close(batched.value[k], alone.value, rtol=1e-9, atol=0)
+
+
+def test_pad_points_errors():
+    from sinkhorn_ot import pad_points
+
+    with pytest.raises(ValueError, match="same, positive number of clouds"):
+        pad_points([torch.zeros(2, 3)], [])
+    with pytest.raises(
+        ValueError, match=r"`list_of_y\[0\]` must be a 2-D \(N_k, D\) tensor with D = 3"
+    ):
+        pad_points([torch.zeros(2, 3)], [torch.zeros(2, 4)])
+    with pytest.raises(TypeError, match="`list_of_x` must be a list"):
+        pad_points(torch.zeros(2, 3), [torch.zeros(2, 3)])
