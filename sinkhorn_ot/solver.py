@@ -139,21 +139,10 @@ def sinkhorn(
                 if i + 1 == len(methods):
                     raise
         f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter)
-        if tol is not None:
-            f, g, n_iter = _refine(
-                backend_used,
-                geometry,
-                ab,
-                bb,
-                eps_b,
-                f,
-                g,
-                n_iter,
-                err,
-                tol,
-                max_iter,
-                method_used,
-            )
+        # err describes the plan that is returned (both marginals, float64), computed once.
+        f, g, n_iter, err = _refine(
+            backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used
+        )
     if grad == "implicit":
         f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g)
     parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
@@ -258,8 +247,7 @@ def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) 
         value_linear = plan.linear_value()
     else:
         value_linear = (geometry.C * plan).sum(dim=(1, 2))
-    # err and converged describe the plan that is returned: both marginals, in float64.
-    err = plan_violation(plan, a, b)
+    # err: the violation of this plan, both marginals, in float64 (from _refine).
     converged = err <= (tol if tol is not None else _DEFAULT_TOL)
     return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
 
@@ -318,10 +306,13 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
     violation just under ``tol`` in the loop can be just over it for the plan. Such
     problems continue from their potentials with a tighter loop tolerance, within the
     same ``max_iter`` budget; the others are left bit for bit as they were.
+
+    Returns ``f, g, n_iter`` and the violation of their plan (:func:`plan_violation`);
+    with ``tol=None`` only that violation is computed.
     """
+    certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
     loop_tol = tol
-    for _ in range(_REFINE_ROUNDS):
-        certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
+    for _ in range(_REFINE_ROUNDS if tol is not None else 0):
         redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
         if not bool(redo.any()):
             break
@@ -337,7 +328,8 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
-    return f, g, n_iter
+        certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
+    return f, g, n_iter, certified
 
 
 def _plan_of(geometry, a, b, eps, f, g):
