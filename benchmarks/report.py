@@ -526,7 +526,8 @@ def render_point_clouds(reg: Registry) -> str:
         "`sinkhorn(PointCloud(x, y), backend=...)` runs (`ops.solve_points` / the torch "
         "block loop / `ops.solve_dense` on the stored cost). **Ratio** = peer time / "
         "ours[native] time (> 1: ours is faster). **Pairs/s** = B·N·M·2 / time per iteration. "
-        f"Rows estimated to need more than {ROW_BUDGET_S:g} s are not run (estimate shown).",
+        f"At N = 50 000, rows estimated to need more than {ROW_BUDGET_S:g} s are not run "
+        "(estimate shown).",
         "",
         "## Per iteration",
         "",

@@ -93,7 +93,7 @@ def test_pc_per_iter(dim, n, bench, cpu_only):
     run = []
     for impl in _impls(bench):
         why = impl.unavailable(case)
-        if why is None and (dim, impl.key) in _LAST:
+        if why is None and n >= pc.SKIP_ESTIMATE_FROM_N and (dim, impl.key) in _LAST:
             n_prev, t_prev = _LAST[(dim, impl.key)]
             t0, t1 = pc.iteration_counts(impl, n)
             est = t_prev * (n / n_prev) ** 2
