@@ -94,7 +94,14 @@ def _loadavg():
 
 #: Run order of the test modules: the agreement check gates all timing, the forward
 #: tables matter most (a run cut short by Ctrl-C or a timeout still reports them).
-MODULE_ORDER = ["test_agreement", "test_throughput", "test_forward", "test_backward", "test_memory"]
+MODULE_ORDER = [
+    "test_agreement",
+    "test_throughput",
+    "test_forward",
+    "test_backward",
+    "test_memory",
+    "test_point_clouds",
+]
 
 
 def _module_rank(item) -> int:
@@ -176,8 +183,15 @@ def pytest_sessionfinish(session, exitstatus):
         reg.meta["grad_modes"] = caps.grad_modes
     if not reg.records:
         return
-    stem = cfg["out"] / reg.meta["device_name"]
-    config._sinkhorn_report = report.write(reg, stem)
+    texts = []
+    # A run of only the point-cloud section (-k point_cloud) must not overwrite the
+    # committed dense-cost report with an empty one, and vice versa.
+    if any(not r.section.startswith("pc-") for r in reg.records):
+        texts.append(report.write(reg, cfg["out"] / reg.meta["device_name"]))
+    if any(r.section.startswith("pc-") for r in reg.records):
+        path = cfg["out"] / f"{cfg['device'].type}-point-clouds.md"
+        texts.append(report.write_point_clouds(reg, path))
+    config._sinkhorn_report = "\n\n".join(texts)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

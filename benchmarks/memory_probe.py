@@ -99,17 +99,64 @@ def probe(shape, iters: int, grad: str, method: str, backend: str, device: str) 
     }
 
 
+def probe_points(dim: int, n: int, iters: int, backend: str, what: str) -> dict:
+    """Peak RSS growth of a point-cloud solve (CPU, forward only, ``grad="none"``).
+
+    ``what``: ``"call"`` (the whole ``sinkhorn(PointCloud(x, y), backend=...)``,
+    including the result built through the lazy plan), ``"loop"`` (only the loop that
+    call runs: ``ops.solve_points`` for native, ``_loop.solve`` for torch) or
+    ``"dense"`` (``sinkhorn(C, backend="native")`` on the stored cost, built inside the
+    measured region: the contrast of a solver whose memory grows with N M).
+    """
+    from sinkhorn_ot import PointCloud, sqeuclidean
+
+    from .point_clouds import OursNative, OursTorch, pc_case
+
+    case = pc_case(dim, n)
+    small = pc_case(dim, 64)
+    loop = {"native": OursNative, "torch": OursTorch}[backend]()
+
+    def solve(c, k):
+        if what == "loop":
+            loop.prepare(c, (k,))
+            loop.run(c, k)
+            return
+        C = PointCloud(c.x, c.y) if what == "call" else sqeuclidean(c.x, c.y)
+        sinkhorn(C, c.a, c.b, eps=c.eps, backend=backend, grad="none", tol=None, max_iter=k)
+
+    solve(small, 2)  # warm-up: lazy imports, extension loading, thread pools
+    before_kb = _status_kb("VmRSS") or 0
+    reset = _reset_peak_rss()
+    solve(case, iters)
+    peak_kb = _status_kb("VmHWM") if reset else None
+    if peak_kb is None:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "kind": "rss",
+        "before_mb": before_kb / 1024,
+        "peak_mb": peak_kb / 1024,
+        "extra_mb": (peak_kb - before_kb) / 1024,
+        "reset": reset,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=3, required=True, metavar=("B", "N", "M"))
+    p.add_argument("--shape", type=int, nargs=3, metavar=("B", "N", "M"))
+    p.add_argument("--points", type=int, nargs=2, metavar=("D", "N"), help="point clouds")
+    p.add_argument("--what", default="call", choices=("call", "loop", "dense"))
     p.add_argument("--iters", type=int, required=True)
-    p.add_argument("--grad", required=True)
+    p.add_argument("--grad", default="none")
     p.add_argument("--method", default="log")
     p.add_argument("--backend", default="torch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.points:
+        out = probe_points(*args.points, args.iters, args.backend, args.what)
+        print(json.dumps(out))
+        return 0
     out = probe(tuple(args.shape), args.iters, args.grad, args.method, args.backend, args.device)
     print(json.dumps(out))
     return 0

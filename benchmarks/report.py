@@ -461,3 +461,237 @@ def write(reg: Registry, stem: Path) -> str:
     text += f"\nRaw timings: pytest-benchmark JSON `{stem.with_suffix('.json').name}` (our records under the key `sinkhorn_ot`).\n"
     stem.with_suffix(".md").write_text(text)
     return text
+
+
+# ---------------------------------------------------------------------------------------
+# Point clouds (test_point_clouds.py): <out>/cpu-point-clouds.md
+# ---------------------------------------------------------------------------------------
+
+#: Targets of the point-cloud section (benchmarks/README.md).
+PC_TARGET_POT = 10.0  # POT solve_sample(lazy=True) / ours[native], per iteration
+PC_TARGET_GEOMLOSS = 1.0  # GeomLoss tensorized / ours[native], where it fits
+PC_TARGET_DENSE = 2.0  # ours[native] points / ours[dense native], at most
+PC_TARGET_MEMORY_MB = 64.0  # native peak RSS growth at every size, at most
+
+
+def _fmt_rate(r: float) -> str:
+    return f"{r / 1e9:.3g} G/s" if r >= 1e8 else f"{r / 1e6:.3g} M/s"
+
+
+def _versions() -> str:
+    out = []
+    for mod, name in (("ot", "POT"), ("geomloss", "GeomLoss"), ("jax", "jax"), ("ott", "ott-jax")):
+        try:
+            out.append(f"{name} {__import__(mod).__version__}")
+        except Exception:
+            out.append(f"{name} absent")
+    return ", ".join(out)
+
+
+def render_point_clouds(reg: Registry) -> str:
+    from .point_clouds import PC_ITERS, PC_PLAN_RTOL, ROW_BUDGET_S
+
+    m = reg.meta
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("started", time.time())))
+    la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
+    lines = [
+        "# sinkhorn_ot benchmarks — CPU point clouds",
+        "",
+        f"- Run: {when}, {m.get('wall_s', 0):.0f} s wall (whole session), exit status "
+        f"{m.get('exitstatus')}; command `pytest benchmarks/ --benchmark -k point_cloud`",
+        f"- Machine: {m.get('cpu')} ({m.get('cpu_count')} CPUs); torch threads: "
+        f"{m.get('threads')} (JAX/XLA and NumPy use their own pools on the same cores)",
+        f"- Versions: torch {m.get('torch')}, sinkhorn_ot {m.get('sinkhorn_ot')}, {_versions()}",
+    ]
+    if la0 and la1:
+        lines.append(
+            f"- Load average (1/5/15 min) at start: {' / '.join(f'{v:.2f}' for v in la0)}; "
+            f"at end: {' / '.join(f'{v:.2f}' for v in la1)}"
+        )
+        if max(la0[0], la1[0]) > m.get("cpu_count", 1):
+            lines.append(
+                "- **Warning: the load average exceeded the core count: other processes "
+                "shared the cores, times are inflated and noisy (ratios less so, since "
+                "every row's implementations run interleaved).**"
+            )
+    for k, v in m.get("pc_missing", {}).items():
+        lines.append(f"- Absent: {k}: {v}")
+    iters = ", ".join(f"N={n}: T={t}, T0={t0}, {r} round(s)" for n, (t, t0, r) in PC_ITERS.items())
+    lines += [
+        "",
+        "Problem: `C_ij = |x_i - y_j|^2`, N = M uniform points in [0, 1]^D, float32, B = 1, "
+        "uniform weights, eps = 0.05 × median cost. **Time per iteration** = (t(T) − t(T0)) / "
+        "(T − T0), each the minimum over interleaved rounds (every implementation of a row in "
+        f"turn, same inputs), which removes per-call work ({iters}). Ours: the loop that "
+        "`sinkhorn(PointCloud(x, y), backend=...)` runs (`ops.solve_points` / the torch "
+        "block loop / `ops.solve_dense` on the stored cost). **Ratio** = peer time / "
+        "ours[native] time (> 1: ours is faster). **Pairs/s** = B·N·M·2 / time per iteration. "
+        f"At N = 50 000, rows estimated to need more than {ROW_BUDGET_S:g} s are not run "
+        "(estimate shown).",
+        "",
+        "## Per iteration",
+        "",
+    ]
+    recs = reg.select("pc-forward")
+    keys = []
+    for r in recs:
+        if (r.info["dim"], r.info["n"]) not in keys:
+            keys.append((r.info["dim"], r.info["n"]))
+    rows = []
+    for dim, n in keys:
+        row_recs = [r for r in recs if r.info["dim"] == dim and r.info["n"] == n]
+        ours = next((r for r in row_recs if r.info["key"] == "ours-native"), None)
+        base = ours.value if ours and math.isfinite(ours.value) and ours.value > 0 else None
+        for r in row_recs:
+            if "why" in r.info:
+                rows.append([f"D={dim}", f"{n:,}", r.impl, "—", "—", "—", r.info["why"]])
+                continue
+            ok = r.value > 0
+            ratio = r.value / base if base and ok and r.info["key"] != "ours-native" else None
+            rows.append(
+                [
+                    f"D={dim}",
+                    f"{n:,}",
+                    r.impl,
+                    fmt_time(r.value) if ok else "noise (≤ 0)",
+                    fmt_ratio(ratio)
+                    if ratio
+                    else ("1×" if r.info["key"] == "ours-native" else "—"),
+                    _fmt_rate(2 * r.info["work"] / r.value) if ok else "—",
+                    f"t({r.info['n_hi']})={fmt_time(r.info['t_hi'])}, "
+                    f"t({r.info['n_lo']})={fmt_time(r.info['t_lo'])}",
+                ]
+            )
+    lines += _table(
+        ["D", "N = M", "implementation", "time / iteration", "ratio", "pairs/s", "notes"], rows
+    )
+
+    over = reg.select("pc-overhead")
+    if over:
+        lines += [
+            "## `sinkhorn()` call overhead (native)",
+            "",
+            'A whole `sinkhorn(PointCloud(x, y), backend="native", tol=None, max_iter=0)` '
+            "minus the native loop at 0 iterations: building the result (`value_linear` and "
+            "`err` through the lazy plan, on the torch side, float64 marginals). Not part of "
+            "the per-iteration times above; it is paid once per call.",
+            "",
+        ]
+        rows = []
+        for r in over:
+            it = reg.one("pc-forward", key="ours-native", dim=r.info["dim"], n=r.info["n"])
+            equiv = r.value / it.value if it and it.value > 0 else None
+            rows.append(
+                [
+                    f"D={r.info['dim']}",
+                    f"{r.info['n']:,}",
+                    fmt_time(r.value),
+                    f"{equiv:.0f}" if equiv else "—",
+                ]
+            )
+        lines += _table(["D", "N = M", "overhead per call", "= native iterations"], rows)
+
+    lines += ["## Targets", ""]
+    rows = []
+    for dim, n in keys:
+
+        def t(key, dim=dim, n=n):
+            r = reg.one("pc-forward", key=key, dim=dim, n=n)
+            return r.value if r and math.isfinite(r.value) and r.value > 0 else None
+
+        nat, pot, gl, dense = (
+            t("ours-native"),
+            t("pot-lazy"),
+            t("geomloss-tensorized"),
+            t("ours-dense-native"),
+        )
+        rows.append(
+            [
+                f"D={dim}, N={n:,}",
+                _check(pot / nat, PC_TARGET_POT) if pot and nat else "— (not run)",
+                _check(gl / nat, PC_TARGET_GEOMLOSS)
+                if gl and nat
+                else "— (does not fit / not run)",
+                _check(nat / dense, PC_TARGET_DENSE, higher_is_better=False)
+                if nat and dense
+                else "— (no dense)",
+            ]
+        )
+    lines += _table(
+        [
+            "row",
+            f"POT lazy / ours[native] (≥ {PC_TARGET_POT:g})",
+            f"GeomLoss tensorized / ours[native] (≥ {PC_TARGET_GEOMLOSS:g})",
+            f"ours[native] / ours[dense native] (≤ {PC_TARGET_DENSE:g})",
+        ],
+        rows,
+    )
+
+    mem = reg.select("pc-memory")
+    if mem:
+        lines += [
+            "## Peak memory (RSS growth over the solve, one subprocess each, 1 iteration, MB)",
+            "",
+            "`loop`: the loop `sinkhorn()` runs; `call`: the whole `sinkhorn(PointCloud(...))` "
+            '(result through the lazy plan); `dense`: `sinkhorn(C, backend="native")` with '
+            "the cost built inside the measured region. Dense cost size 4·N·M bytes for "
+            f"reference. Target: native loop ≤ {PC_TARGET_MEMORY_MB:g} MB at every size "
+            "(flat in N·M).",
+            "",
+        ]
+        rows = []
+        for r in mem:
+            dense_mb = 4 * r.info["n"] ** 2 / 2**20
+            flag = ""
+            if r.info["what"] == "loop" and r.info["backend"] == "native":
+                flag = " ✓" if r.value <= PC_TARGET_MEMORY_MB else " ✗"
+            rows.append(
+                [
+                    r.info["what"],
+                    r.info["backend"],
+                    f"D={r.info['dim']}",
+                    f"{r.info['n']:,}",
+                    f"{r.value:.1f}{flag}",
+                    f"{dense_mb:,.0f}",
+                ]
+            )
+        lines += _table(["what", "backend", "D", "N = M", "peak growth MB", "dense cost MB"], rows)
+
+    agree = reg.select("pc-agreement")
+    if agree:
+        lines += [
+            "## Agreement (before timing; N = M = 500, converged)",
+            "",
+            "max |P − P_ref| / max P_ref against ours[torch] at tol 1e-5 (limit "
+            f"{PC_PLAN_RTOL:g}), and the potentials' difference in units of eps (after "
+            "removing the free constant). Peers converge by their own rules: POT "
+            "`tol=1e-5`, OTT `threshold=1e-5`, GeomLoss its `sinkhorn_loop` + "
+            "`softmin_tensorized` with 2000 extra iterations at the final eps.",
+            "",
+        ]
+        rows = []
+        for r in agree:
+            if "why" in r.info:
+                rows.append([r.case, r.impl, "—", "—", r.info["why"]])
+            else:
+                ok = "✓" if r.value <= PC_PLAN_RTOL else "✗"
+                rows.append(
+                    [r.case, r.impl, f"{r.value:.1e} {ok}", f"{r.info['potentials']:.1e}", ""]
+                )
+        lines += _table(["case", "implementation", "plan diff", "potentials / eps", "note"], rows)
+    return "\n".join(lines)
+
+
+def write_point_clouds(reg: Registry, path: Path) -> str:
+    """Write the point-cloud report (and its records as JSON beside it)."""
+    import json
+    from dataclasses import asdict
+
+    text = render_point_clouds(reg)
+    path.write_text(text + "\n")
+    records = [asdict(r) for r in reg.records if r.section.startswith("pc-")]
+    meta = {k: v for k, v in reg.meta.items()}
+    path.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "records": records}, indent=1, default=str)
+    )
+    return text
