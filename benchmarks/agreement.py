@@ -13,7 +13,7 @@ the converged plan than about that (on the 256x32x32 grid point our own run is 8
 away), while a real disagreement (another eps convention, a transposed cost, a wrong
 weight) is of order 0.1 to 1. Comparing converged plans rather than fixed iteration
 counts is what makes this fair to peers whose iteration order and stopping rules differ
-from ours (DESIGN §6). A disagreement stops the whole session (exit status 3): a speed
+from ours (docs/migrating.md compares the stopping rules). A disagreement stops the whole session (exit status 3): a speed
 ratio against a solver that computes something else would be meaningless.
 """
 
@@ -28,7 +28,7 @@ from .impls import MAX_ITER_TO_TOL, marginal_error, plan_difference
 from .registry import get as registry
 from .suite import TOL, detect
 
-#: Tolerance of the reference solve (float32 reaches it on every case, DESIGN §2).
+#: Tolerance of the reference solve (float32 reaches it on every case; docs/conventions.md, "Stopping rule").
 REFERENCE_TOL = 1e-5
 #: Tolerance of the compared runs: the to-tolerance setting of the forward timings.
 AGREE_TOL = TOL

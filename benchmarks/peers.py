@@ -2,7 +2,7 @@
 
 Every adapter takes our inputs (same tensors, same device, same ``eps``) and returns
 the full plan. How each one's stopping rule is matched to our ``tol`` (the relative L1
-marginal violation, DESIGN §2) is written next to it; the agreement check
+marginal violation, docs/conventions.md) is written next to it; the agreement check
 (:mod:`benchmarks.agreement`) verifies the resulting plans before anything is timed.
 
 * POT ``ot.solve_batch`` (``method="log_sinkhorn"`` and ``"sinkhorn"``): it stops when

@@ -114,7 +114,7 @@ def detect(device_str: str) -> Capabilities:
     for mode in GRAD_MODES:
         for backend in backends:
             if mode == "unroll" and backend == "native":
-                continue  # by design (DESIGN §5): native has no autograd through its loop
+                continue  # by design (docs/choosing.md): native has no autograd through its loop
             works, why = _grad_mode_works(mode, backend, device)
             if works:
                 grad_modes.setdefault(mode, []).append(backend)

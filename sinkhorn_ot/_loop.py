@@ -4,7 +4,7 @@ This is the reference every other backend must reproduce (same iterates, same
 stopping decisions, same iteration counts). The native backends implement
 :func:`solve_potentials` with the same signature and semantics.
 
-Iteration scheme (DESIGN §3): ``g = col(f0)``; then each iteration is ``f = row(g)``
+Iteration scheme (docs/conventions.md, "Iterations"): ``g = col(f0)``; then each iteration is ``f = row(g)``
 followed by ``g = col(f)``. Before each row update the marginal violation of the
 current ``(f, g)`` is known for free (see :func:`_updates.row_violation`); a problem
 whose violation is ``<= tol`` stops there, so its returned ``g`` is always ``col(f)``

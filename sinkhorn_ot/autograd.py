@@ -1,6 +1,6 @@
 """Gradients at the fixed point: implicit differentiation and the envelope theorem.
 
-Implicit (DESIGN §5). The potentials solve ``F(x, θ) = 0`` with ``x = (f, g)``,
+Implicit (docs/conventions.md, "Gradients"). The potentials solve ``F(x, θ) = 0`` with ``x = (f, g)``,
 ``θ = (C, a, b, eps)`` and
 
     F_f = f - row(g),    F_g = g - col(f)

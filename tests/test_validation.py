@@ -1,4 +1,4 @@
-"""Bad input (DESIGN §7): every case raises with a message naming the argument."""
+"""Bad input (docs/conventions.md, "Masses and precision"; errors name the argument): every case raises with a message naming the argument."""
 
 import pytest
 import torch
