@@ -70,12 +70,9 @@ class ImplicitPotentials(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f, grad_g):
         C, a, b, eps, f, g = ctx.saved_tensors
-        # With create_graph=True, hand back gradients that refuse a second backward.
-        anchor = next((t for t in (C, a, b, eps) if t.requires_grad), None)
-        if torch.is_grad_enabled() and anchor is not None:
-            with torch.no_grad():
-                grads = ImplicitPotentials.backward(ctx, grad_f, grad_g)
-            return tuple(None if t is None else _NoSecondOrder.apply(t, anchor) for t in grads)
+        refused = first_order_only(ImplicitPotentials.backward, ctx, grad_f, grad_g, (C, a, b, eps))
+        if refused is not None:
+            return refused
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
         Q = fixed_point_kernel(C, a, b, eps, f, g)
@@ -170,6 +167,21 @@ def _merge_per_problem(off, regular, fallback):
         return None
     mask = off.view(-1, *([1] * (regular.dim() - 1)))
     return torch.where(mask, fallback, torch.nan_to_num(regular))
+
+
+def first_order_only(backward, ctx, grad_f, grad_g, inputs):
+    """Under ``create_graph=True``: the gradients of ``backward``, refusing a second one.
+
+    Returns ``None`` when no graph is being built (the caller computes the gradients as
+    usual), else ``backward``'s gradients computed without a graph and wrapped so that
+    differentiating them raises the clear :data:`_SECOND_ORDER` error.
+    """
+    anchor = next((t for t in inputs if t.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return None
+    with torch.no_grad():
+        grads = backward(ctx, grad_f, grad_g)
+    return tuple(None if t is None else _NoSecondOrder.apply(t, anchor) for t in grads)
 
 
 class _NoSecondOrder(torch.autograd.Function):

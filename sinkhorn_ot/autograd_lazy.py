@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from .autograd import (
-    _SECOND_ORDER,
     _merge_per_problem,
     _off_fixed_point,
     _schur_cg_products,
     consistent_system,
+    first_order_only,
     fixed_point_kernel,
     last_half_step_grads,
 )
@@ -57,6 +57,15 @@ class BlockQ:
             for i0, i1 in self.geometry.blocks()
         ]
         return torch.cat(parts, dim=1)
+
+    def sums(self, v: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q v, Q^T u)`` in one pass over the blocks: ``(B, N)``, ``(B, M)``."""
+        rows, total = [], 0
+        for i0, i1 in self.geometry.blocks():
+            block = self.block(i0, i1)
+            rows.append(torch.bmm(block, v.unsqueeze(-1)).squeeze(-1))
+            total = total + torch.bmm(u[:, i0:i1].unsqueeze(1), block).squeeze(1)
+        return torch.cat(rows, dim=1), total
 
     def rmv(self, u: torch.Tensor) -> torch.Tensor:
         """``Q^T u``: ``(B, N) -> (B, M)``."""
@@ -122,16 +131,18 @@ class ImplicitPointPotentials(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_f, grad_g):
         a, b, eps, f, g, x, y = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, eps, x, y)):
-            raise RuntimeError(_SECOND_ORDER)
+        refused = first_order_only(
+            ImplicitPointPotentials.backward, ctx, grad_f, grad_g, (a, b, eps, x, y)
+        )
+        if refused is not None:
+            return refused
         want_a, want_b, want_eps = ctx.needs_input_grad[1:4]
         want_x, want_y = ctx.needs_input_grad[6:8]
         geometry = ctx.geometry.with_points(x.detach(), y.detach())
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g
         Q = BlockQ(geometry, f, g, eps, a, b)
-        r = Q.mv(b)  # (B, N), about 1
-        c = Q.rmv(a)  # (B, M)
+        r, c = Q.sums(b, a)  # (B, N), (B, M): Q b and Q^T a, about 1 at a fixed point
         off = _off_fixed_point(r, c, a, b)
         wanted = (want_x, want_y, want_a, want_b, want_eps)
         fallback = None

@@ -543,3 +543,16 @@ def test_pad_points_errors():
         pad_points([torch.zeros(2, 3)], [torch.zeros(2, 4)])
     with pytest.raises(TypeError, match="`list_of_x` must be a list"):
         pad_points(torch.zeros(2, 3), [torch.zeros(2, 3)])
+
+
+def test_implicit_point_gradients_refuse_only_the_second_order():
+    """As for a dense cost: create_graph=True gives first-order gradients, and only
+    differentiating them again raises the clear error."""
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    res = sinkhorn(PointCloud(x, y), eps=0.5, tol=1e-10, backend="torch")
+    (grad_x,) = torch.autograd.grad(res.value + (res.f**2).sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(res.value + (res.f**2).sum(), x)
+    torch.testing.assert_close(grad_x.detach(), plain, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="second derivatives through sinkhorn"):
+        grad_x.sum().backward()
