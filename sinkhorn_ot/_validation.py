@@ -37,6 +37,10 @@ class Problem:
         input_dtype: dtype the user passed ``C`` (or the points) in.
         geometry: the cost as a geometry in the compute dtype, batched (``DenseCost(C)``
             for a tensor; then ``C`` is that tensor, else ``C`` is ``None``).
+        padded: whether any weight is zero (padding).
+        padded_rows: whether any row weight ``a`` is zero.
+        offset: ``(B,)`` constant to take off a dense cost before solving (see
+            :func:`cost_offset`), or ``None`` where no problem needs one.
     """
 
     C: torch.Tensor | None
@@ -46,6 +50,9 @@ class Problem:
     batched: bool
     input_dtype: torch.dtype
     geometry: object = None
+    padded: bool = True
+    padded_rows: bool = True
+    offset: torch.Tensor | None = None
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -66,20 +73,34 @@ class ValueChecks:
     def __init__(self) -> None:
         self._flags: list[torch.Tensor] = []
         self._raisers: list[Callable[[], None]] = []
+        self._facts: list[torch.Tensor] = []
 
     def add(self, ok: torch.Tensor, raise_error: Callable[[], None]) -> None:
         self._flags.append(ok.reshape(()))
         self._raisers.append(raise_error)
 
-    def run(self) -> None:
-        if not self._flags:
-            return
-        flags = torch.stack(self._flags).tolist()  # the one host sync
+    def observe(self, fact: torch.Tensor) -> int:
+        """Read the 0-d bool ``fact`` in the same host copy; its index in :meth:`run`'s list.
+
+        The solver needs a few facts about valid input (is there padding? does the cost
+        need centring?); reading them here keeps a call at one host sync.
+        """
+        self._facts.append(fact.reshape(()))
+        return len(self._facts) - 1
+
+    def run(self) -> list[bool]:
+        """Raise the first failing check's error; return the observed facts."""
+        if not self._flags and not self._facts:
+            return []
+        values = torch.stack(self._flags + self._facts).tolist()  # the one host sync
+        flags, facts = values[: len(self._flags)], values[len(self._flags) :]
         for ok, raise_error in zip(flags, self._raisers):
             if not ok:
                 raise_error()
         self._flags.clear()
         self._raisers.clear()
+        self._facts.clear()
+        return facts
 
 
 def _now(ok: torch.Tensor, raise_error: Callable[[], None]) -> None:
@@ -427,8 +448,33 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
     b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
     eps_b = check_eps_in_dtype(check_eps(eps, batch, batched, ref, checks), Cb, dtype, checks)
-    checks.run()
-    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry)
+    padded_rows_fact = checks.observe((a_b == 0).any())
+    padded_fact = checks.observe((a_b == 0).any() | (b_b == 0).any())
+    if Cb is not None:
+        offset = cost_offset(Cb, a_b, b_b)
+        offset_fact = checks.observe((offset != 0).any())
+    facts = checks.run()
+    padded, padded_rows = facts[padded_fact], facts[padded_rows_fact]
+    offset = offset if Cb is not None and facts[offset_fact] else None
+    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry, padded, padded_rows, offset)
+
+
+def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The shift ``c (B,)`` to take off ``C`` before solving (0 where none helps).
+
+    ``c`` is the midpoint of the real entries' range (padding excluded), used only where
+    it exceeds that range: then ``C - c`` has the same solution and plan, and float32
+    potentials of size ``|C|`` no longer swamp the differences ``C_ij - C_kl`` that
+    determine the plan (``torch.rand(10, 11) - 1e4`` lost 1e-2 of marginal accuracy).
+    Elsewhere ``C`` is used as given, bit for bit. No host sync: :func:`check_problem`
+    reads whether any shift is non-zero together with its checks.
+    """
+    real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
+    values = C.detach()
+    high = torch.where(real, values, float("-inf")).amax(dim=(1, 2))
+    low = torch.where(real, values, float("inf")).amin(dim=(1, 2))
+    centre = (high + low) / 2
+    return torch.where(centre.abs() > (high - low), centre, 0)
 
 
 def _check_points(geometry, checks: ValueChecks) -> torch.Tensor:

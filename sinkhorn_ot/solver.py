@@ -109,14 +109,15 @@ def sinkhorn(
     batch, n, m = geometry.shape
     warm = v.check_init(init, batch, n, m, problem.batched, ab)
 
-    offset = None
+    offset = problem.offset
     if isinstance(geometry, DenseCost):
         # Costs are shift invariant: solve on C - c where an offset dominates the spread,
         # so that float32 potentials keep their digits (the outputs are shifted back).
-        offset = cost_offset(geometry.C, ab, bb)
         C_solved = geometry.C if offset is None else geometry.C - offset.view(-1, 1, 1)
-        geometry = DenseCost(_mask_padding_gradient(C_solved, ab, bb))
-    elif grad == "unroll":
+        if problem.padded:
+            C_solved = _mask_padding_gradient(C_solved, ab, bb)
+        geometry = DenseCost(C_solved)
+    elif grad == "unroll" and problem.padded:
         geometry = geometry.without_padding_gradient(ab, bb)
     if warm is None:
         f0 = _default_init(ab, eps_b)
@@ -138,14 +139,15 @@ def sinkhorn(
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
-        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter)
+        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter, problem.padded_rows)
         # err describes the plan that is returned (both marginals, float64), computed once.
-        f, g, n_iter, err = _refine(
+        f, g, n_iter, err, plan = _refine(
             backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used
         )
-    if grad == "implicit":
+    if grad == "implicit" and _any_requires_grad(geometry, ab, bb, eps_b):
         f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g)
-    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+        plan = None  # rebuilt from the potentials that carry the gradients
+    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used, plan)
     if grad == "envelope":
         with torch.no_grad():
             result = _build_result(*parts)
@@ -193,7 +195,7 @@ def _mask_padding_gradient(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     if not C.requires_grad:
         return C
     padded = (a == 0).unsqueeze(2) | (b == 0).unsqueeze(1)
-    return torch.where(padded, C.detach(), C) if bool(padded.any()) else C
+    return torch.where(padded, C.detach(), C)
 
 
 def _select_backend(backend: str, geometry, grad: str) -> str:
@@ -223,7 +225,10 @@ def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, .
 
 def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
     if backend == "native":
+        # The only host sync left with tol=None and method="log" is validation's.
+        check_finite = tol is not None or method != "log"
         settings = {"max_iter": max_iter, "tol": tol, "method": method}
+        settings["check_finite"] = check_finite
         if isinstance(geometry, DenseCost):
             return ops.solve_dense(geometry.C, a, b, f0, table, **settings)
         x, y = (t.detach().contiguous() for t in geometry.centred_points())
@@ -232,13 +237,22 @@ def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
     return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
 
 
-def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) -> SinkhornResult:
+def _any_requires_grad(geometry: Geometry, *tensors: torch.Tensor) -> bool:
+    inputs = (geometry.C,) if isinstance(geometry, DenseCost) else (geometry.x, geometry.y)
+    return any(t.requires_grad for t in (*inputs, *tensors))
+
+
+def _build_result(
+    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, plan=None
+) -> SinkhornResult:
+    """The result of raw loop potentials ``f, g``; ``plan`` is their plan if already built."""
     mass = a.sum(-1)  # (B,)
     # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
     # The plan comes from the potentials as the loop left them: the shift is exact in
     # exact arithmetic, but its rounding (one ulp of f, a bias per row) would cost float32
     # plans about ulp(f) / eps of marginal accuracy, 1e-5 at eps = 0.01.
-    plan = _plan_of(geometry, a, b, eps, f, g)
+    if plan is None:
+        plan = _plan_of(geometry, a, b, eps, f, g)
     shift = ((g * b).sum(-1) - (f * a).sum(-1)) / (2 * mass)  # (B,)
     f = f + shift.unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
@@ -252,27 +266,7 @@ def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) 
     return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
 
 
-def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """The shift ``c (B,)`` to take off ``C`` before solving, or ``None`` if none helps.
-
-    ``c`` is the midpoint of the real entries' range (padding excluded), used only where
-    it exceeds that range: then ``C - c`` has the same solution and plan, and float32
-    potentials of size ``|C|`` no longer swamp the differences ``C_ij - C_kl`` that
-    determine the plan (``torch.rand(10, 11) - 1e4`` lost 1e-2 of marginal accuracy).
-    Elsewhere ``C`` is used as given, bit for bit.
-    """
-    real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
-    values = C.detach()
-    high = torch.where(real, values, float("-inf")).amax(dim=(1, 2))
-    low = torch.where(real, values, float("inf")).amin(dim=(1, 2))
-    centre = (high + low) / 2
-    shift = centre.abs() > (high - low)
-    if not bool(shift.any()):
-        return None
-    return torch.where(shift, centre, 0)
-
-
-def complete_potentials(geometry, a, b, f, g, table, max_iter):
+def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None):
     """What every backend's ``(f, g)`` still needs, on the torch side (shared).
 
     * A schedule longer than ``max_iter`` (``eps_scaling``) left ``g`` at a larger eps:
@@ -283,7 +277,8 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter):
       returned ``g``, whatever the iteration count (it was stale at ``n_iter = 0``).
     """
     unfinished = table.shape[1] - 1 > max_iter
-    padded_rows = bool((a == 0).any())
+    if padded_rows is None:  # the caller did not read it with validation's host sync
+        padded_rows = bool((a == 0).any())
     if not (unfinished or padded_rows):
         return f, g
     step = geometry.log_step(safe_log(a), safe_log(b), table[:, -1:])
@@ -307,10 +302,11 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
     problems continue from their potentials with a tighter loop tolerance, within the
     same ``max_iter`` budget; the others are left bit for bit as they were.
 
-    Returns ``f, g, n_iter`` and the violation of their plan (:func:`plan_violation`);
-    with ``tol=None`` only that violation is computed.
+    Returns ``f, g, n_iter``, the violation of their plan (:func:`plan_violation`) and
+    that plan; with ``tol=None`` only the plan and its violation are computed.
     """
-    certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
+    plan = _plan_of(geometry, a, b, eps, f, g)
+    certified = plan_violation(plan, a, b)
     loop_tol = tol
     for _ in range(_REFINE_ROUNDS if tol is not None else 0):
         redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
@@ -328,8 +324,9 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
-        certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
-    return f, g, n_iter, certified
+        plan = _plan_of(geometry, a, b, eps, f, g)
+        certified = plan_violation(plan, a, b)
+    return f, g, n_iter, certified, plan
 
 
 def _plan_of(geometry, a, b, eps, f, g):
@@ -349,8 +346,10 @@ def plan_violation(plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if isinstance(plan, LazyPlan):
             rows, cols = plan.marginals(dtype=torch.float64)
         else:
-            plan64 = plan.detach().double()
-            rows, cols = plan64.sum(2), plan64.sum(1)
+            # Sums accumulated in float64 without a float64 copy of the plan.
+            plan = plan.detach()
+            rows = plan.sum(2, dtype=torch.float64)
+            cols = plan.sum(1, dtype=torch.float64)
         a64, b64 = a.detach().double(), b.detach().double()
         gap = (rows - a64).abs().sum(-1) + (cols - b64).abs().sum(-1)
         return gap / a64.sum(-1)

@@ -161,3 +161,23 @@ def test_valid_input_is_checked_with_one_host_read(monkeypatch):
 def test_first_fault_in_argument_order_is_reported(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         call(**overrides)
+
+
+@pytest.mark.parametrize("grad", ["none", "implicit", "envelope"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_call_without_checks_reads_the_host_once(backend, grad, padded, monkeypatch):
+    """``tol=None``, ``method="log"``: validation's one read is the call's only host sync
+    (each one waits for the GPU; a small problem's call is dominated by them there)."""
+    if backend == "torch":
+        pytest.skip("the torch loop checks its potentials on the host; native only")
+    cost = torch.rand(9, 10, 10, requires_grad=grad != "none")
+    a = torch.full((9, 10), 0.1)
+    if padded:
+        a[:, -1] = 0
+        a = a / a.sum(-1, keepdim=True)
+    sinkhorn(cost, a, eps=0.1, backend=backend, tol=None, max_iter=5, grad=grad)  # warm
+    calls = _count_host_reads(monkeypatch)
+    res = sinkhorn(cost, a, eps=0.1, backend=backend, tol=None, max_iter=5, grad=grad)
+    monkeypatch.undo()
+    assert calls == ["tolist"], calls
+    assert res.n_iter.tolist() == [5] * 9
