@@ -264,6 +264,29 @@ def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None
     return f, g, n_iter, err
 
 
+def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t`` summed over the ranks of ``group`` (default: the whole world), differentiably.
+
+    The way to build the one loss every rank backpropagates from local results (this
+    rank's ``f``, its rows of the plan): ``loss = sum_over_ranks(local_loss)``. Its
+    gradient reaches each rank's own term unchanged (docs/distributed.md, "Gradients").
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot.distributed import sum_over_ranks
+        >>> sum_over_ranks(torch.ones(2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: sum_over_ranks needs an initialised torch.distributed process group...
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "sum_over_ranks needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    return SumOverRanks.apply(t, Ranks(dist.group.WORLD if group is None else group))
+
+
 # ---------------------------------------------------------------------- validation
 @dataclasses.dataclass
 class ShardedProblem:
@@ -324,6 +347,7 @@ def _local_checks(C, a, b, eps, init, settings):
     warm = v.check_init(init, batch, n, m, batched, ref)
     if isinstance(geometry, DenseCost):
         geometry = DenseCost(dense)
+        geometry.batched = batched  # (the stored cost is batched; the outputs follow the input)
     else:
         geometry = geometry.with_points(geometry.x.to(dtype), geometry.y.to(dtype))
     return geometry, a_b, b_b, eps_b, warm, dtype
@@ -455,28 +479,34 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
     if mass_a is not None and mass_b is not None:
         as_weights = (mass_a.unsqueeze(-1).to(a_b.dtype), mass_b.unsqueeze(-1).to(b_b.dtype))
         v.check_masses(*as_weights)
-    mass = mass_a if mass_a is not None else mass_b
-    if mass is None:
-        mass = torch.ones(batch, dtype=torch.float64)
-    a_b = (
-        torch.where(a_b > 0, a_b, 0).to(dtype)
-        if a_b is not None
-        else (mass / n_total).to(device, dtype).unsqueeze(-1).expand(batch, geometry.shape[1])
-    )
-    b_b = (
-        torch.where(b_b > 0, b_b, 0).to(dtype)
-        if b_b is not None
-        else (mass / m_total).to(device, dtype).unsqueeze(-1).expand(batch, geometry.shape[2])
-    )
-    if mass_b is not None:  # b rescaled to the mass of a (as solver's match_masses)
-        b_b = b_b * (mass / mass_b).to(device, dtype).unsqueeze(-1)
+    # As solver's check_problem, with the sums over rows taken over ranks (differentiably:
+    # b is rescaled to the mass of a, so a's gradient also flows through b).
+    def row_total(t):
+        return SumOverRanks.apply(t, ranks)
+
+    col_total = row_total if shard_y else (lambda t: t)
+    a_b = torch.where(a_b > 0, a_b, 0).to(dtype) if a_b is not None else None
+    b_b = torch.where(b_b > 0, b_b, 0).to(dtype) if b_b is not None else None
+    if a_b is not None:
+        mass = row_total(a_b.sum(-1, keepdim=True))
+    elif b_b is not None:
+        mass = col_total(b_b.sum(-1, keepdim=True))
+    else:
+        mass = torch.ones(batch, 1, dtype=dtype, device=device)
+    if a_b is None:  # uniform rows from the (replicated) mass of b
+        a_b = (SumGradients.apply(mass, ranks) / n_total).expand(batch, geometry.shape[1])
+    b_b = b_b if b_b is not None else (mass / m_total).expand(batch, geometry.shape[2])
+    mass_a = row_total(a_b.sum(-1, dtype=torch.float64))
+    b_b = b_b * (mass_a / col_total(b_b.sum(-1, dtype=torch.float64))).to(dtype).unsqueeze(-1)
+    mass = mass_a.detach()
     if isinstance(geometry, DenseCost):  # padded entries get exactly zero gradient
         from .solver import _mask_padding_gradient
 
         geometry = DenseCost(_mask_padding_gradient(geometry.C, a_b, b_b))
     sharded = RingShards(geometry, ranks, sizes) if shard_y else RowShards(geometry, ranks)
     f0 = warm.to(dtype) if warm is not None else None
-    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass.to(device), geometry.batched)
+    batched = reports[0]["replicated"]["batched"]
+    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass.to(device), batched)
 
 
 # ---------------------------------------------------------------------- the call
@@ -518,7 +548,8 @@ def sharded_sinkhorn(
         f, g, n_iter, err = solve_sharded(
             geometry, ab, bb, f0, table, max_iter=max_iter, tol=tol, mass=problem.mass
         )
-        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter)
+        padded = geometry.ranks.maximum((ab == 0).any().to(torch.int32).reshape(1))
+        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter, bool(padded[0]))
     if isinstance(geometry, RingShards):
         result = _ring_result(geometry, ab, bb, eps_b, f, g, n_iter, err, tol)
     else:
@@ -546,13 +577,10 @@ def _row_result(geometry, a, b, eps, f, g, n_iter, err, tol, grad, build, violat
     """The single-process result building (``solver._build_result``) with row sums
     over ranks; ``plan`` is this rank's row block (dense or lazy)."""
     ranks, local = geometry.ranks, geometry.local
-
-    def row_total(t: torch.Tensor) -> torch.Tensor:
-        return SumOverRanks.apply(t, ranks)
-
+    shards = RowReductions(ranks)
     with torch.no_grad():
         plan = _local_plan(local, a, b, eps, f, g)
-        err = violation_of(plan, a, b, row_total=row_total)
+        err = violation_of(plan, a, b, row_total=shards.total)
     if grad == "implicit":
         from ._sharded_autograd import sharded_implicit_potentials
 
@@ -560,9 +588,9 @@ def _row_result(geometry, a, b, eps, f, g, n_iter, err, tol, grad, build, violat
     parts = (local, a, b, eps, f, g, n_iter, err, tol, "log", "torch")
     if grad in ("envelope", "none"):
         with torch.no_grad():
-            result = build(*parts, row_total=row_total)
+            result = build(*parts, shards=shards)
     else:
-        result = build(*parts, row_total=row_total)
+        result = build(*parts, shards=shards)
     if grad == "envelope":
         if isinstance(local, PointCloud):  # y's gradient: the sum of every rank's rows
             local = local.with_points(local.x, SumGradients.apply(local.y, ranks))
@@ -571,6 +599,24 @@ def _row_result(geometry, a, b, eps, f, g, n_iter, err, tol, grad, build, violat
         )
         result = dataclasses.replace(result, value=value)
     return result
+
+
+class RowReductions:
+    """How a result of rows sharded over ``ranks`` is assembled, differentiably.
+
+    ``total``: a sum over this rank's rows, summed over ranks (:class:`SumOverRanks`);
+    ``local``: a replicated tensor (``g``, ``b``, ``eps``) entering this rank's rows, whose
+    gradient from them is summed over ranks (:class:`SumGradients`).
+    """
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        return SumOverRanks.apply(t, self.ranks)
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return SumGradients.apply(t, self.ranks) if t.requires_grad else t
 
 
 def _local_plan(local, a, b, eps, f, g):
@@ -629,4 +675,11 @@ def _ring_result(geometry: RingShards, a, b, eps, f, g, n_iter, err, tol) -> Sin
     return SinkhornResult(None, f, g, value, linear, n_iter, certified, converged, "log", "torch")
 
 
-__all__ = ["RingShards", "RowShards", "sharded_sinkhorn", "solve_sharded", "validate"]
+__all__ = [
+    "RingShards",
+    "RowShards",
+    "sharded_sinkhorn",
+    "solve_sharded",
+    "sum_over_ranks",
+    "validate",
+]

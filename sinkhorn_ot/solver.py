@@ -254,18 +254,21 @@ def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
 
 
 def _build_result(
-    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, row_total=None
+    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, shards=None
 ) -> SinkhornResult:
-    """``row_total``: the sum over ranks of a sum over rows (rows sharded), else ``None``."""
-    total = _local if row_total is None else row_total
+    """``shards``: ``None``, or for rows sharded over ranks an object whose ``total(t)``
+    sums a sum over rows over ranks and whose ``local(t)`` marks a replicated tensor
+    entering this rank's rows (:mod:`sinkhorn_ot.distributed`)."""
+    total = _local if shards is None else shards.total
+    local = _local if shards is None else shards.local
     mass = total(a.sum(-1))  # (B,)
     # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
     # The plan comes from the potentials as the loop left them: the shift is exact in
     # exact arithmetic, but its rounding (one ulp of f, a bias per row) would cost float32
     # plans about ulp(f) / eps of marginal accuracy, 1e-5 at eps = 0.01.
-    plan = _plan_of(geometry, a, b, eps, f, g)
+    plan = _plan_of(geometry, a, local(b), local(eps), f, local(g))
     shift = ((g * b).sum(-1) - total((f * a).sum(-1))) / (2 * mass)  # (B,)
-    f = f + shift.unsqueeze(-1)
+    f = f + local(shift).unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
     value = total((f * a).sum(-1)) + (g * b).sum(-1)
     if isinstance(plan, LazyPlan):
@@ -301,7 +304,7 @@ def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.where(shift, centre, 0)
 
 
-def complete_potentials(geometry, a, b, f, g, table, max_iter):
+def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None):
     """What every backend's ``(f, g)`` still needs, on the torch side (shared).
 
     * A schedule longer than ``max_iter`` (``eps_scaling``) left ``g`` at a larger eps:
@@ -310,9 +313,13 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter):
       false unless the plan meets ``tol``).
     * Padded rows (``a_i = 0``) get the soft c-transform ``f_i = row(g)_i`` of the
       returned ``g``, whatever the iteration count (it was stale at ``n_iter = 0``).
+
+    ``padded_rows`` overrides whether any row is padding (a sharded solve decides it
+    over all ranks, since its row update is a collective).
     """
     unfinished = table.shape[1] - 1 > max_iter
-    padded_rows = bool((a == 0).any())
+    if padded_rows is None:
+        padded_rows = bool((a == 0).any())
     if not (unfinished or padded_rows):
         return f, g
     step = geometry.log_step(safe_log(a), safe_log(b), table[:, -1:])
