@@ -176,16 +176,4 @@ class SumGradients(torch.autograd.Function):
         return ctx.ranks.total(grad), None
 
 
-def payload_bytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes of ``numel`` elements of ``dtype`` (the communication model's unit)."""
-    return numel * (torch.finfo(dtype).bits // 8)
-
-
-def ring_allreduce_seconds(payload: int, ranks: int, bandwidth: float, latency: float) -> float:
-    """Time of a ring all-reduce of ``payload`` bytes: ``2 (p-1)/p`` of it on each link."""
-    if ranks <= 1:
-        return 0.0
-    return 2 * (ranks - 1) / ranks * payload / bandwidth + 2 * (ranks - 1) * latency
-
-
-__all__ = ["Ranks", "SumGradients", "SumOverRanks", "payload_bytes", "ring_allreduce_seconds"]
+__all__ = ["Ranks", "SumGradients", "SumOverRanks"]

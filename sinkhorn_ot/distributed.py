@@ -479,6 +479,7 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
     if mass_a is not None and mass_b is not None:
         as_weights = (mass_a.unsqueeze(-1).to(a_b.dtype), mass_b.unsqueeze(-1).to(b_b.dtype))
         v.check_masses(*as_weights)
+
     # As solver's check_problem, with the sums over rows taken over ranks (differentiably:
     # b is rescaled to the mass of a, so a's gradient also flows through b).
     def row_total(t):
