@@ -53,16 +53,15 @@ class Ranks:
     # ------------------------------------------------------------------ reductions
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``t`` (any shape), a new tensor; no autograd."""
-        out = t.detach().clone()
-        if self.size > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        out = t.detach().clone(memory_format=torch.contiguous_format)
+        # Also with one rank: `torchrun --nproc_per_node 1` then exercises the backend.
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
     def maximum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise maximum over ranks of ``t``, a new tensor; no autograd."""
-        out = t.detach().clone()
-        if self.size > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        out = t.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return out
 
     def logsumexp(self, lse: torch.Tensor) -> torch.Tensor:
@@ -105,8 +104,6 @@ class Ranks:
     def exchange(self, obj: object) -> list:
         """Every rank's ``obj`` (picklable), in rank order: one ``all_gather_object``."""
         out: list = [None] * self.size
-        if self.size == 1:
-            return [obj]
         dist.all_gather_object(out, obj, group=self.group)
         return out
 

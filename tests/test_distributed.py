@@ -240,7 +240,7 @@ def test_group_needs_an_initialised_process_group():
 
 
 # ---------------------------------------------------------------------- torchrun
-SCRIPT = Path(__file__).resolve().parent / "distributed_torchrun_check.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "distributed_sinkhorn.py"
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name(
@@ -252,6 +252,7 @@ def test_torchrun_two_processes():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env["OMP_NUM_THREADS"] = "1"
+    env["SHARDED_CHECK_DEVICE"] = "cpu"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("sharded == single-process") == 2, done.stdout

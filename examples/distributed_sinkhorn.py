@@ -1,7 +1,14 @@
-"""Run under ``torchrun --nproc_per_node K``: a row-sharded solve equals the whole one.
+"""Sinkhorn sharded over processes: run with ``torchrun --nproc_per_node K``.
 
-Used by tests/test_distributed.py (gloo on the CPU) and by the GPU check script (NCCL on
-CUDA tensors, ``--nproc_per_node 1`` on one GPU). Prints one line per rank on success.
+    torchrun --nproc_per_node 2 examples/distributed_sinkhorn.py
+
+Each rank holds a contiguous slice of the rows of ``x`` and of ``a``; ``y`` is
+replicated. The sharded solve is checked against the whole problem solved in one
+process (every rank builds it here only to check; a real run never needs it). On a
+machine with GPUs each rank uses ``cuda:LOCAL_RANK`` and NCCL (``--nproc_per_node 1``
+on one GPU still goes through NCCL); elsewhere gloo on the CPU
+(``SHARDED_CHECK_DEVICE=cpu`` forces it). Prints one line per rank on success. Run by
+tests/test_distributed.py (gloo) and benchmarks/gpu_check.sh (NCCL).
 """
 
 from __future__ import annotations
