@@ -92,14 +92,14 @@ def _launch(world: int, size: int, dim: int) -> dict:
 def communication_model(m: int, n: int, dim: int, ranks: int, batch: int = 1, itemsize=4):
     """Bytes each rank moves per iteration, by layout (no collective of the cost or plan).
 
-    * rows sharded: one all-reduce of ``B (M + 1)`` numbers (the column log-sum-exps
-      in the shifted frame and the violation); a ring all-reduce sends and receives
+    * rows sharded: one all-reduce of ``B (M + 1)`` float64 numbers (the column
+      log-sum-exps in the shifted frame and the violation); a ring all-reduce sends and receives
       ``2 (P - 1) / P`` of it on each rank's link;
     * rows and columns sharded (``shard_y``): two rings of ``P - 1`` blocks of points with
       a log weight and a potential, ``(N / P + M / P) (D + 2)`` numbers per hop, plus an
       all-reduce of ``B`` violations.
     """
-    rows = batch * (m + 1) * itemsize
+    rows = batch * (m + 1) * 8  # the all-reduced buffer is float64
     ring = (ranks - 1) * batch * ((n + m) / ranks) * (dim + 2) * itemsize
     return {"rows: all-reduced bytes": rows, "shard_y: bytes sent per rank": ring}
 

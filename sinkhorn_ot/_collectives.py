@@ -91,14 +91,15 @@ class Ranks:
         Returns:
             ``(log-sum-exp or None, sum of extra)``.
         """
-        scaled = torch.exp(lse - shift)
-        flat = torch.cat([scaled.reshape(-1), extra.reshape(-1).to(scaled.dtype)])
-        flat = self.total(flat)
+        # float64 whatever the dtype: the violation is accumulated in float64 (as the
+        # single-process loop does), and one buffer has one dtype.
+        scaled = torch.exp((lse - shift).double())
+        flat = self.total(torch.cat([scaled.reshape(-1), extra.reshape(-1).double()]))
         summed, extra_total = flat[: scaled.numel()].view_as(scaled), flat[scaled.numel() :]
         extra_total = extra_total.to(extra.dtype).view_as(extra)
         info = torch.finfo(summed.dtype)
         usable = bool((torch.isfinite(summed) & (summed >= info.tiny / info.eps)).all())
-        return (shift + summed.log() if usable else None), extra_total
+        return (shift + summed.log().to(lse.dtype) if usable else None), extra_total
 
     # ------------------------------------------------------------------ objects
     def exchange(self, obj: object) -> list:

@@ -55,6 +55,10 @@ class RowShardStep:
 
     ``row(g)`` is the local step's (each rank's rows see all of ``g``); ``col(f)``
     combines the ranks' partial log-sum-exps :meth:`~sinkhorn_ot._updates.LogStep.col_lse`.
+
+    Unbalanced problems (relaxed marginals) change only the finishing map applied to
+    the combined log-sum-exp (here ``-eps * lse``) and the violation, not the reduction:
+    they slot in by taking that map from the local step.
     """
 
     def __init__(self, local_step, ranks: Ranks, eps: torch.Tensor):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from distributed_launch import run_ranks
 
-from sinkhorn_ot import DenseCost, PointCloud, sinkhorn, sqeuclidean
+from sinkhorn_ot import DenseCost, ImplicitGradientError, PointCloud, sinkhorn, sqeuclidean
 
 WORLD = 2
 TOL = 1e-10
@@ -220,6 +220,19 @@ def _bad_input_worker(rank, world):
     _expect_error(
         "kernel", ValueError, "`method` must be 'log' or 'auto' with `group`",
         lambda: sinkhorn(PointCloud(x_l, y), a_l, b, eps=0.3, method="kernel", group=group),
+    )  # fmt: skip
+    x_grad = x_l.clone().requires_grad_(True)
+    _expect_error(
+        "shard_y gradients", NotImplementedError, "shard_y=True are not implemented",
+        lambda: sinkhorn(PointCloud(x_grad, y[:, rows]), a_l, b[:, rows], eps=0.3,
+                         group=group, shard_y=True),
+    )  # fmt: skip
+    stopped = sinkhorn(
+        PointCloud(x_grad, y), a_l, b, eps=0.05, max_iter=1, tol=None, group=group
+    )  # far from a fixed point: the sharded adjoint refuses, on every rank
+    _expect_error(
+        "implicit far from a fixed point", ImplicitGradientError, "fixed point",
+        lambda: torch.autograd.grad(stopped.value.sum(), x_grad),
     )  # fmt: skip
     # After all these failures the ranks are still in step: a valid solve works.
     full = sinkhorn(PointCloud(x, y), a, b, eps=0.3, tol=TOL, backend="torch")
