@@ -130,6 +130,53 @@ def test_sharded_forward_equals_single_process():
     run_ranks(_forward_worker, WORLD)
 
 
+# ---------------------------------------------------------------------- communication
+def _count_calls(name):
+    """Count the calls of ``torch.distributed.<name>`` (the solver's module sees it)."""
+    original = getattr(dist, name)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(dist, name, counting)
+    return calls, lambda: setattr(dist, name, original)
+
+
+def _communication_worker(rank, world):
+    group = dist.group.WORLD
+    rows, columns = _slices(rank, [0, 6, 13]), _slices(rank, [0, 4, 9])
+    x, y, a, b = _problem(9)
+    per_call = {}
+    for iters in (10, 30):
+        reduces, restore_reduce = _count_calls("all_reduce")
+        rings, restore_ring = _count_calls("batch_isend_irecv")
+        try:
+            geometry = PointCloud(x[:, rows], y)
+            sinkhorn(geometry, a[:, rows], b, eps=0.3, max_iter=iters, tol=None, group=group)
+            rows_layout = len(reduces)
+            reduces.clear()
+            sharded_y = PointCloud(x[:, rows], y[:, columns])
+            sinkhorn(sharded_y, a[:, rows], b[:, columns], eps=0.3, max_iter=iters, tol=None,
+                     group=group, shard_y=True)  # fmt: skip
+            per_call[iters] = (rows_layout, len(reduces), len(rings))
+        finally:
+            restore_reduce()
+            restore_ring()
+    (r10, y10, p10), (r30, y30, p30) = per_call[10], per_call[30]
+    # Rows sharded: ONE all-reduce per iteration (column update + stopping test together).
+    if r30 - r10 != 20:
+        raise AssertionError(f"rows: {r30 - r10} all-reduces for 20 iterations")
+    # shard_y: one all-reduce (the violation) and two rings of P - 1 hops per iteration.
+    if y30 - y10 != 20 or p30 - p10 != 2 * 20 * (world - 1):
+        raise AssertionError(f"shard_y: {y30 - y10} all-reduces, {p30 - p10} ring hops")
+
+
+def test_one_all_reduce_per_iteration():
+    run_ranks(_communication_worker, WORLD)
+
+
 # ---------------------------------------------------------------------- gradients
 def _leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
