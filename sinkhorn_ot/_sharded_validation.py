@@ -34,6 +34,7 @@ class ShardedProblem:
     f0: torch.Tensor | None  # warm start (B, N_r)
     mass: torch.Tensor  # (B,) float64, over all ranks
     batched: bool
+    offset: torch.Tensor | None = None  # (B,) taken off a dense cost before solving
 
 
 def _local_checks(C, a, b, eps, init, settings):
@@ -235,13 +236,35 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
     mass_a = row_total(a_b.sum(-1, dtype=torch.float64))
     b_b = b_b * (mass_a / col_total(b_b.sum(-1, dtype=torch.float64))).to(dtype).unsqueeze(-1)
     mass = mass_a.detach()
-    if isinstance(geometry, DenseCost):  # padded entries get exactly zero gradient
+    offset = None
+    if isinstance(geometry, DenseCost):
+        # As sinkhorn(): solve on C - c where an offset dominates the spread (float32
+        # potentials keep their digits), and padded entries get exactly zero gradient.
         from .solver import _mask_padding_gradient
 
-        geometry = DenseCost(_mask_padding_gradient(geometry.C, a_b, b_b))
+        offset = _cost_offset(geometry.C, a_b, b_b, ranks)
+        solved = geometry.C if offset is None else geometry.C - offset.view(-1, 1, 1)
+        geometry = DenseCost(_mask_padding_gradient(solved, a_b, b_b))
+        if warm is not None and offset is not None:  # the warm start, in the shifted frame
+            warm = warm.to(dtype) - offset.unsqueeze(-1) / 2
     from .distributed import RingShards, RowShards
 
     sharded = RingShards(geometry, ranks, sizes) if shard_y else RowShards(geometry, ranks)
     f0 = warm.to(dtype) if warm is not None else None
     batched = reports[0]["replicated"]["batched"]
-    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass.to(device), batched)
+    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass.to(device), batched, offset)
+
+
+def _cost_offset(C, a, b, ranks: Ranks) -> torch.Tensor | None:
+    """:func:`sinkhorn_ot.solver.cost_offset` over every rank's rows (one all-reduce)."""
+    real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
+    values = C.detach()
+    high = torch.where(real, values, float("-inf")).amax(dim=(1, 2))
+    low = torch.where(real, values, float("inf")).amin(dim=(1, 2))
+    high, negative_low = ranks.maximum(torch.stack([high, -low]))
+    low = -negative_low
+    centre = (high + low) / 2
+    shift = centre.abs() > (high - low)
+    if not bool(shift.any()):
+        return None
+    return torch.where(shift, centre, 0)

@@ -337,8 +337,24 @@ def sharded_sinkhorn(
             geometry, ab, bb, eps_b, f, g, n_iter, err, tol, settings["grad"],
             _build_result, plan_violation,
         )  # fmt: skip
+    if problem.offset is not None:
+        result = _shift_back(result, problem.offset, ab, RowReductions(geometry.ranks))
     warn_unconverged(result, tol, max_iter, stacklevel=4)
     return result if problem.batched else _unbatch(result)
+
+
+def _shift_back(result: SinkhornResult, offset, a, shards) -> SinkhornResult:
+    """``solver._shift_back`` with the sums over rows taken over ranks."""
+    half = (offset / 2).unsqueeze(-1)
+    mass = shards.total(a.sum(-1))
+    plan_mass = shards.total(result.plan.sum(dim=(1, 2)))
+    return dataclasses.replace(
+        result,
+        f=result.f + half,
+        g=result.g + half,
+        value=result.value + offset * mass,
+        value_linear=result.value_linear + offset * plan_mass,
+    )
 
 
 def _refuse_unsupported_gradients(geometry, a, b, eps, settings) -> None:

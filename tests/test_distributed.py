@@ -103,6 +103,17 @@ def _forward_worker(rank, world):
     sharded = sinkhorn(DenseCost(C[uneven]), group=group, **scaled)
     _same_result("dense unbatched", sharded, full, uneven)
 
+    # A float32 dense cost far from zero: solved on C - offset, as in one process (the
+    # plan would otherwise miss tol=1e-4 by about 1e-2).
+    C32 = torch.rand(1, 13, 11, generator=torch.Generator().manual_seed(10)) + 1e4
+    full = sinkhorn(C32, eps=0.1, tol=1e-4, backend="torch")
+    sharded = sinkhorn(DenseCost(C32[:, uneven]), eps=0.1, tol=1e-4, group=group)
+    if not (bool(sharded.converged.all()) and float(sharded.err.max()) <= 1e-4):
+        raise AssertionError(f"float32 offset cost: err {sharded.err.tolist()}")
+    _close("float32 offset plan", sharded.plan, full.plan[:, uneven], atol=1e-6)
+    _close("float32 offset value", sharded.value / 1e4, full.value / 1e4, atol=1e-6)
+    _close("float32 offset g", sharded.g - sharded.g.mean(), full.g - full.g.mean(), atol=5e-3)
+
     # A warm start and tol=None (exactly max_iter iterations).
     x, y, a, b = _problem(4)
     first = sinkhorn(PointCloud(x, y), a, b, eps=0.3, max_iter=5, tol=None, backend="torch")
