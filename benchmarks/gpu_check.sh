@@ -11,6 +11,8 @@
 #   3. build both extensions (python -m sinkhorn_ot build)  -> build.log
 #   4. CUDA tests (pytest -m cuda tests/test_cuda.py: dense solve and point-cloud
 #      solve_points), torch.compile/opcheck last            -> pytest_cuda.log, pytest_cuda_slow.log
+#   4c. a row-sharded solve over NCCL on CUDA tensors (torchrun --nproc_per_node 1,
+#      examples/distributed_sinkhorn.py)                    -> distributed.log
 #   5. benchmark grid (benchmarks/gpu/bench.py: dense sections, then the point-cloud grid,
 #      N = M up to 100 000, D in {3, 64}, in pair evaluations per second)
 #                                                           -> bench.json, bench.md
@@ -80,6 +82,13 @@ timeout 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -r
 rc=$?; [ $rc -ne 0 ] && status=1
 tail -15 "$OUT_DIR/pytest_cuda.log"
 
+stamp "4c. sharded solve over NCCL (torchrun --nproc_per_node 1)"
+TORCHRUN="$(dirname "$(command -v "$PY")")/torchrun"; [ -x "$TORCHRUN" ] || TORCHRUN=torchrun
+timeout 90 "$TORCHRUN" --nproc_per_node 1 examples/distributed_sinkhorn.py \
+  > "$OUT_DIR/distributed.log" 2>&1
+rc3=$?; [ $rc3 -ne 0 ] && status=1
+tail -3 "$OUT_DIR/distributed.log"
+
 stamp "5. benchmarks"
 timeout 140 "$PY" benchmarks/gpu/bench.py --out "$OUT_DIR" 2>&1 | tail -40
 
@@ -99,6 +108,7 @@ stamp "6. summary"
   echo "$INFO"
   echo "pytest (cuda): $(tail -1 "$OUT_DIR/pytest_cuda.log")"
   echo "pytest (compile/opcheck): $(tail -1 "$OUT_DIR/pytest_cuda_slow.log")"
+  echo "sharded over NCCL: $(tail -1 "$OUT_DIR/distributed.log")"
   echo "total: $(( $(date +%s) - T0 )) s, exit status $status"
   echo '```'
   echo

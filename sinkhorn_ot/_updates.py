@@ -44,8 +44,16 @@ class LogStep:
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, N) -> (B, M)``: the g that meets the column marginal given f."""
+        return -self.eps * self.col_lse(f)
+
+    def col_lse(self, f: torch.Tensor) -> torch.Tensor:
+        """``(B, N) -> (B, M)``: ``log sum_i a_i exp((f_i - C_ij) / eps)`` over these rows.
+
+        The partial reduction behind :meth:`col`: a solve whose rows are split over
+        processes combines the ranks' values (:mod:`sinkhorn_ot.distributed`).
+        """
         scores = (self.log_a + f / self.eps).unsqueeze(2) - self.C_over_eps  # (B, N, M)
-        return -self.eps * torch.logsumexp(scores, dim=1)
+        return torch.logsumexp(scores, dim=1)
 
 
 class KernelStep:

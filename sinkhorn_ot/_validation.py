@@ -163,8 +163,14 @@ def check_weights(
     C: torch.Tensor,
     batched: bool,
     checks: ValueChecks | None = None,
+    *,
+    positive_mass: bool = True,
 ) -> torch.Tensor | None:
-    """Validate ``a`` or ``b`` and return it batched, or ``None`` if it was ``None``."""
+    """Validate ``a`` or ``b`` and return it batched, or ``None`` if it was ``None``.
+
+    ``positive_mass=False`` lets every weight be zero (one rank's slice of a problem
+    split over processes; the total mass is checked across ranks instead).
+    """
     if w is None:
         return None
     if not isinstance(w, torch.Tensor):
@@ -208,7 +214,8 @@ def check_weights(
 
     add(torch.isfinite(w).all(), not_finite)
     add(~(w < 0).any(), negative)
-    add((w.sum(-1) != 0).all(), empty)
+    if positive_mass:
+        add((w.sum(-1) != 0).all(), empty)
     return w
 
 

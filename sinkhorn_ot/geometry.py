@@ -345,15 +345,24 @@ class BlockLogStep:
         self.geometry, self.log_a, self.log_b, self.eps = geometry, log_a, log_b, eps
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
+        return -self.eps * self.row_lse(g)  # (B, N)
+
+    def row_lse(self, g: torch.Tensor) -> torch.Tensor:
+        """``log sum_j b_j exp((g_j - C_ij) / eps)`` over this geometry's columns, ``(B, N)``."""
         h = (self.log_b + g / self.eps).unsqueeze(1)  # (B, 1, M)
         e = self.eps.unsqueeze(-1)
         parts = [
             torch.logsumexp(h - self.geometry.cost_block(i0, i1) / e, dim=2)
             for i0, i1 in self.geometry.blocks()
         ]
-        return -self.eps * torch.cat(parts, dim=1)  # (B, N)
+        return torch.cat(parts, dim=1)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
+        return -self.eps * self.col_lse(f)  # (B, M)
+
+    def col_lse(self, f: torch.Tensor) -> torch.Tensor:
+        """``log sum_i a_i exp((f_i - C_ij) / eps)`` over this geometry's rows, ``(B, M)``
+        (as :meth:`sinkhorn_ot._updates.LogStep.col_lse`)."""
         k = (self.log_a + f / self.eps).unsqueeze(2)  # (B, N, 1)
         # A block whose rows are all padding (log a = -inf) has a log-sum-exp of -inf,
         # whose gradient is NaN (0 / 0) under grad="unroll". A huge finite log weight
@@ -364,7 +373,7 @@ class BlockLogStep:
         for i0, i1 in self.geometry.blocks():
             part = torch.logsumexp(k[:, i0:i1] - self.geometry.cost_block(i0, i1) / e, dim=1)
             total = part if total is None else torch.logaddexp(total, part)
-        return -self.eps * total  # (B, M)
+        return total
 
 
 class BlockKernelStep:

@@ -37,6 +37,8 @@ def sinkhorn(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps_scaling: float | None = None,
     backend: str = "auto",
+    group=None,
+    shard_y: bool = False,
 ) -> SinkhornResult:
     """Solve a batch of entropic optimal transport problems.
 
@@ -78,6 +80,14 @@ def sinkhorn(
             ``max(eps, max|C| * s**t)``, annealing from the cost scale down to ``eps``.
         backend: ``"auto"`` (native if available for the device and dtype, else torch),
             ``"torch"`` or ``"native"`` (error if unavailable).
+        group: ``None`` (one process) or a ``torch.distributed`` process group over
+            which the problem is sharded: each rank passes a contiguous slice of the
+            rows (``x`` or ``C``) and their weights ``a``; ``y``, ``b`` are replicated.
+            ``f`` comes back sharded like ``x``, ``g`` replicated, ``value`` and
+            ``converged`` the same on every rank (docs/distributed.md).
+        shard_y: with ``group``, the columns are sharded too: each rank passes its own
+            slice of ``y`` and ``b`` (a :class:`PointCloud`), and ``g`` comes back
+            sharded like ``y``.
 
     Returns:
         :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
@@ -95,6 +105,12 @@ def sinkhorn(
         >>> torch.allclose(res.plan.sum(-1), torch.full((8, 5), 1 / 5, dtype=torch.float64), atol=1e-5)
         True
     """
+    if group is not None or shard_y:
+        from .distributed import sharded_sinkhorn
+
+        settings = {"method": method, "max_iter": max_iter, "tol": tol, "grad": grad}
+        settings.update(init=init, eps_scaling=eps_scaling, backend=backend, shard_y=shard_y)
+        return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
     arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
     C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
     method = v.check_choice("method", method, v.METHODS)
@@ -170,16 +186,21 @@ def sinkhorn(
         result = _build_result(*parts)
     if offset is not None:
         result = _shift_back(result, offset, ab)
+    warn_unconverged(result, tol, max_iter, stacklevel=3)
+    return arrays.back(result if problem.batched else _unbatch(result))
+
+
+def warn_unconverged(result: SinkhornResult, tol, max_iter: int, stacklevel: int) -> None:
+    """One :class:`SinkhornConvergenceWarning` if some problem missed ``tol``."""
     if tol is not None and not bool(result.converged.all()):
         bad = (~result.converged).nonzero().flatten().tolist()
         warnings.warn(
             f"sinkhorn did not reach tol={tol:g} within max_iter={max_iter} iterations in "
-            f"{len(bad)} of {batch} problem(s) (e.g. problem {bad[0]}, err="
+            f"{len(bad)} of {len(result.converged)} problem(s) (e.g. problem {bad[0]}, err="
             f"{float(result.err[bad[0]]):.3g}); raise max_iter, raise eps, or use eps_scaling",
             SinkhornConvergenceWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    return arrays.back(result if problem.batched else _unbatch(result))
 
 
 def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -243,27 +264,37 @@ def _any_requires_grad(geometry: Geometry, *tensors: torch.Tensor) -> bool:
 
 
 def _build_result(
-    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, plan=None
+    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, plan=None, shards=None
 ) -> SinkhornResult:
-    """The result of raw loop potentials ``f, g``; ``plan`` is their plan if already built."""
-    mass = a.sum(-1)  # (B,)
+    """The result of raw loop potentials ``f, g``; ``plan`` is their plan if already built.
+
+    ``shards``: ``None``, or for rows sharded over ranks an object whose ``total(t)``
+    sums a sum over rows over ranks and whose ``local(t)`` marks a replicated tensor
+    entering this rank's rows (:mod:`sinkhorn_ot.distributed`)."""
+    total = _local if shards is None else shards.total
+    local = _local if shards is None else shards.local
+    mass = total(a.sum(-1))  # (B,)
     # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
     # The plan comes from the potentials as the loop left them: the shift is exact in
     # exact arithmetic, but its rounding (one ulp of f, a bias per row) would cost float32
     # plans about ulp(f) / eps of marginal accuracy, 1e-5 at eps = 0.01.
     if plan is None:
-        plan = _plan_of(geometry, a, b, eps, f, g)
-    shift = ((g * b).sum(-1) - (f * a).sum(-1)) / (2 * mass)  # (B,)
-    f = f + shift.unsqueeze(-1)
+        plan = _plan_of(geometry, a, local(b), local(eps), f, local(g))
+    shift = ((g * b).sum(-1) - total((f * a).sum(-1))) / (2 * mass)  # (B,)
+    f = f + local(shift).unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
-    value = (f * a).sum(-1) + (g * b).sum(-1)
+    value = total((f * a).sum(-1)) + (g * b).sum(-1)
     if isinstance(plan, LazyPlan):
-        value_linear = plan.linear_value()
+        value_linear = total(plan.linear_value())
     else:
-        value_linear = (geometry.C * plan).sum(dim=(1, 2))
+        value_linear = total((geometry.C * plan).sum(dim=(1, 2)))
     # err: the violation of this plan, both marginals, in float64 (from _refine).
     converged = err <= (tol if tol is not None else _DEFAULT_TOL)
     return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None):
@@ -275,6 +306,9 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None)
       false unless the plan meets ``tol``).
     * Padded rows (``a_i = 0``) get the soft c-transform ``f_i = row(g)_i`` of the
       returned ``g``, whatever the iteration count (it was stale at ``n_iter = 0``).
+
+    ``padded_rows`` overrides whether any row is padding (a sharded solve decides it
+    over all ranks, since its row update is a collective).
     """
     unfinished = table.shape[1] - 1 > max_iter
     if padded_rows is None:  # the caller did not read it with validation's host sync
@@ -340,8 +374,12 @@ def _plan_of(geometry, a, b, eps, f, g):
     return LazyPlan(geometry, f, g, a, b, eps)
 
 
-def plan_violation(plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a)`` of a plan, in float64, ``(B,)``."""
+def plan_violation(plan, a: torch.Tensor, b: torch.Tensor, row_total=None) -> torch.Tensor:
+    """``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a)`` of a plan, in float64, ``(B,)``.
+
+    ``row_total`` sums over ranks where ``plan`` is one rank's rows (``None``: all rows).
+    """
+    total = _local if row_total is None else row_total
     with torch.no_grad():
         if isinstance(plan, LazyPlan):
             rows, cols = plan.marginals(dtype=torch.float64)
@@ -351,8 +389,9 @@ def plan_violation(plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             rows = plan.sum(2, dtype=torch.float64)
             cols = plan.sum(1, dtype=torch.float64)
         a64, b64 = a.detach().double(), b.detach().double()
-        gap = (rows - a64).abs().sum(-1) + (cols - b64).abs().sum(-1)
-        return gap / a64.sum(-1)
+        cols = total(cols)
+        gap = total((rows - a64).abs().sum(-1)) + (cols - b64).abs().sum(-1)
+        return gap / total(a64.sum(-1))
 
 
 def _shift_back(result: SinkhornResult, offset: torch.Tensor, a: torch.Tensor) -> SinkhornResult:
