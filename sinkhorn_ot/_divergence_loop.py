@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._absorbed_softmin import AbsorbedSoftmin
 from ._softmin_grad import point_softmin
 from ._updates import LogStep, safe_log
 from .errors import SinkhornConvergenceWarning
@@ -107,8 +108,8 @@ def stack_points(x, y, a, b, *, debias: bool, cost: str, scale: float, store: bo
     cols = torch.cat([Y, X, X, Y][:parts])
     row_weights, col_weights = _weights(a.detach(), b.detach(), parts, size)
     stored = None
-    if store is None:
-        store = parts * batch * size * size <= STORE_COST_ELEMENTS
+    if store is None:  # the squared Euclidean cost has a faster path without it
+        store = cost != "sqeuclidean" and parts * batch * size * size <= STORE_COST_ELEMENTS
     if store:
         with torch.no_grad():
             stored = PointCloud(rows, cols, cost, scale=scale).dense()
@@ -170,10 +171,24 @@ class SymmetricLoop:
         self.lengths = lengths.to(table.device).repeat(stack.parts)
         self.log_cols = safe_log(stack.col_weights)
         self.cost, self.scale, self.block_elements = cost, scale, block_elements
+        self._absorbed = None
 
     def _step(self, eps: torch.Tensor):
+        """The row soft-min at ``eps``, as ``step(g, guess)``."""
         if self.stack.cost is not None:
-            return LogStep(self.stack.cost, self.log_cols, self.log_cols, eps)
+            row = LogStep(self.stack.cost, self.log_cols, self.log_cols, eps).row
+            return lambda g, guess: row(g)
+        if self.cost == "sqeuclidean":
+            if self._absorbed is None:
+                batch, size = self.log_cols.shape
+                self._absorbed = AbsorbedSoftmin(
+                    self.stack.rows,
+                    self.stack.cols,
+                    self.log_cols,
+                    self.scale,
+                    block_rows=self.block_elements // max(1, batch * size),
+                )
+            return lambda g, guess: self._absorbed.row(g, eps, guess)
         geometry = PointCloud(
             self.stack.rows,
             self.stack.cols,
@@ -181,19 +196,22 @@ class SymmetricLoop:
             scale=self.scale,
             block_elements=self.block_elements,
         )
-        return geometry.log_step(self.log_cols, self.log_cols, eps)
+        row = geometry.log_step(self.log_cols, self.log_cols, eps).row
+        return lambda g, guess: row(g)
 
     def update(self, state: torch.Tensor, eps: torch.Tensor, step=None) -> torch.Tensor:
         """``tau T(P')``: every part's soft-min of its input potentials."""
         step = self._step(eps) if step is None else step
-        return damping(eps, self.rho) * step.row(_swap_halves(state, self.batch))
+        tau = damping(eps, self.rho)
+        return tau * step(_swap_halves(state, self.batch), state / tau)
 
     @torch.no_grad()
     def anneal(self) -> torch.Tensor:
         """Potentials ``(P B, K)`` after the whole temperature list."""
         eps = self.table[:, :1]
         step = self._step(eps)
-        state = damping(eps, self.rho) * step.row(torch.zeros_like(self.log_cols))
+        zeros = torch.zeros_like(self.log_cols)
+        state = damping(eps, self.rho) * step(zeros, zeros)
         for t in range(self.table.shape[1]):
             eps = self.table[:, t : t + 1]
             if t > 0:
@@ -250,6 +268,7 @@ class SymmetricLoop:
         autograd: differentiable w.r.t. the stacked ``rows`` points (point clouds) or the
         stacked ``cost`` (given costs)."""
         h = (self.log_cols + _swap_halves(state, self.batch) / eps).detach()
+        tau = damping(eps, self.rho)
         if cost is not None:
             soft = -eps * torch.logsumexp(h.unsqueeze(1) - cost / eps.unsqueeze(-1), dim=2)
         else:
@@ -261,8 +280,9 @@ class SymmetricLoop:
                 cost=self.cost,
                 scale=self.scale,
                 block_elements=self.block_elements,
+                guess=state / tau,
             )
-        return damping(eps, self.rho) * soft
+        return tau * soft
 
 
 def stacked_rows(x: torch.Tensor, y: torch.Tensor, parts: int) -> torch.Tensor:

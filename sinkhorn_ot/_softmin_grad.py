@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._absorbed_softmin import AbsorbedSoftmin
 from .geometry import PointCloud
 
 
@@ -28,9 +29,14 @@ def _row_softmin(geometry: PointCloud, h: torch.Tensor, eps: torch.Tensor) -> to
 
 class _PointSoftmin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, geometry, h, eps):
+    def forward(ctx, x, geometry, h, eps, guess):
         with torch.no_grad():
-            f = _row_softmin(geometry, h, eps)
+            if geometry.cost == "sqeuclidean":
+                absorbed = _absorbed(geometry, h)
+                f = absorbed.row(torch.zeros_like(h), eps, guess)
+                ctx.absorbed = absorbed
+            else:
+                f = _row_softmin(geometry, h, eps)
         ctx.geometry = geometry
         ctx.save_for_backward(h, eps, f)
         return f
@@ -40,6 +46,9 @@ class _PointSoftmin(torch.autograd.Function):
     def backward(ctx, grad_f):
         h, eps, f = ctx.saved_tensors
         geometry = ctx.geometry
+        if geometry.cost == "sqeuclidean":
+            grad_x = ctx.absorbed.row_gradient(torch.zeros_like(h), eps, f, grad_f)
+            return grad_x, None, None, None, None
         e = eps.unsqueeze(-1)
         grad_x = None
         for i0, i1 in geometry.blocks():
@@ -50,7 +59,20 @@ class _PointSoftmin(torch.autograd.Function):
                 )
             part, _ = geometry.cost_vjp(i0, i1, weight)
             grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
+
+
+def _absorbed(geometry: PointCloud, h: torch.Tensor) -> AbsorbedSoftmin:
+    """The soft-min of ``h`` as :class:`AbsorbedSoftmin` (log weights ``h``, ``g = 0``);
+    the points are the ones given, uncentred (the caller centres them)."""
+    batch, _, m = geometry.shape
+    return AbsorbedSoftmin(
+        geometry.x,
+        geometry.y,
+        h,
+        geometry.cost_scale,
+        block_rows=geometry.block_elements // max(1, batch * m),
+    )
 
 
 def point_softmin(
@@ -62,6 +84,7 @@ def point_softmin(
     cost: str,
     scale: float,
     block_elements: int,
+    guess: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``-eps log sum_j exp(h_j - scale c(x_i, y_j) / eps)``, differentiable w.r.t. ``x``.
 
@@ -71,6 +94,8 @@ def point_softmin(
         h: ``(B, M)`` log weights plus potentials over eps (a constant), ``-inf`` allowed.
         eps: ``(B, 1)``.
         cost, scale, block_elements: as :class:`sinkhorn_ot.PointCloud`.
+        guess: ``(B, N)`` an estimate of the result (the current potential), which keeps
+            the squared Euclidean path's sums near 1 (:mod:`sinkhorn_ot._absorbed_softmin`).
 
     Returns:
         ``(B, N)``.
@@ -92,4 +117,5 @@ def point_softmin(
         True
     """
     geometry = PointCloud(x.detach(), y.detach(), cost, scale=scale, block_elements=block_elements)
-    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach())
+    guess = torch.zeros_like(x[..., 0]) if guess is None else guess.detach()
+    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach(), guess)
