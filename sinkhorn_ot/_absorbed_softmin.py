@@ -56,7 +56,7 @@ class AbsorbedSoftmin:
         self.rows_sq = scale * (rows * rows).sum(-1)  # (B, N)
         self.cols_sq = scale * (cols * cols).sum(-1)  # (B, M)
         self.block_rows = max(1, block_rows)
-        ones = rows.new_ones(cols.shape[:2] + (1,))
+        ones = rows.new_ones((*cols.shape[:2], 1))
         self._cols_head = torch.cat([cols, ones], dim=-1)  # (B, M, D + 1)
 
     def _exp_blocks(self, g, eps, guess):
@@ -64,7 +64,7 @@ class AbsorbedSoftmin:
         beta = self.log_w + (g - self.cols_sq) / eps  # (B, M)
         cols = torch.cat([self._cols_head, beta.unsqueeze(-1)], dim=-1)  # (B, M, D + 2)
         alpha = (guess - self.rows_sq) / eps  # (B, N)
-        ones = alpha.new_ones(alpha.shape + (1,))
+        ones = alpha.new_ones((*alpha.shape, 1))
         rows = torch.cat(
             [self.rows * (2 * self.scale / eps).unsqueeze(-1), alpha.unsqueeze(-1), ones], -1
         )  # (B, N, D + 2)
