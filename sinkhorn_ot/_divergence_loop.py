@@ -119,10 +119,11 @@ def stack_points(x, y, a, b, *, debias: bool, cost: str, scale: float, store: bo
 def stack_costs(C_xy, C_xx, C_yy, a, b, *, debias: bool, differentiable: bool):
     """The stacked cost of given costs ``C_xy (B, N, M)``, ``C_xx (B, N, N)``, ``C_yy``.
 
-    With ``differentiable``, the gradient of each part reaches the given costs as the
-    point clouds' does: ``C_xy`` only through ``f_ba`` (``g_ab`` uses it detached, as
-    ``C(y, x.detach())``), and the self costs at half weight (``C(x, x.detach())``
-    differentiates one of the two arguments of a symmetric cost).
+    With ``differentiable``, every part carries half the gradient of its cost: ``C_xy``
+    enters both ``f_ba`` and ``g_ab`` (so its gradient is the mean of their two plans,
+    the plan at convergence), and a self cost enters its part once for a term
+    ``OT / 2``. (Point clouds differentiate ``C(x, y.detach())`` and ``C(y,
+    x.detach())`` instead, as GeomLoss does: the same gradient at convergence.)
     """
     _, n, m = C_xy.shape
     size, parts = max(n, m), 4 if debias else 2
@@ -131,11 +132,12 @@ def stack_costs(C_xy, C_xx, C_yy, a, b, *, debias: bool, differentiable: bool):
         C = _pad(C, size)
         return _pad(C.transpose(1, 2), size).transpose(1, 2)
 
-    xy = C_xy if differentiable else C_xy.detach()
-    blocks = [square(xy), square(C_xy.detach().transpose(1, 2))]
+    def halved(C):  # same values, half the gradient
+        return 0.5 * (C + C.detach()) if differentiable else C.detach()
+
+    blocks = [square(halved(C_xy)), square(halved(C_xy.transpose(1, 2)))]
     if debias:
-        for C in (C_xx, C_yy):
-            blocks.append(square(0.5 * (C + C.detach()) if differentiable else C.detach()))
+        blocks += [square(halved(C_xx)), square(halved(C_yy))]
     row_weights, col_weights = _weights(a.detach(), b.detach(), parts, size)
     return Stack(None, None, torch.cat(blocks), row_weights, col_weights, parts, (n, m))
 
@@ -171,32 +173,33 @@ class SymmetricLoop:
         self.lengths = lengths.to(table.device).repeat(stack.parts)
         self.log_cols = safe_log(stack.col_weights)
         self.cost, self.scale, self.block_elements = cost, scale, block_elements
-        self._absorbed = None
+        self._absorbed = {}
 
-    def _step(self, eps: torch.Tensor):
-        """The row soft-min at ``eps``, as ``step(g, guess)``."""
+    def _step(self, eps: torch.Tensor, part: slice = slice(None)):
+        """The row soft-min at ``eps`` of the stacked problems ``part``, as
+        ``step(g, guess)``."""
+        log_cols = self.log_cols[part]
         if self.stack.cost is not None:
-            row = LogStep(self.stack.cost, self.log_cols, self.log_cols, eps).row
+            row = LogStep(self.stack.cost[part], log_cols, log_cols, eps).row
             return lambda g, guess: row(g)
+        rows, cols = self.stack.rows[part], self.stack.cols[part]
         if self.cost == "sqeuclidean":
-            if self._absorbed is None:
-                batch, size = self.log_cols.shape
-                self._absorbed = AbsorbedSoftmin(
-                    self.stack.rows,
-                    self.stack.cols,
-                    self.log_cols,
+            key = (part.start, part.stop)
+            if key not in self._absorbed:
+                batch, size = log_cols.shape
+                self._absorbed[key] = AbsorbedSoftmin(
+                    rows,
+                    cols,
+                    log_cols,
                     self.scale,
                     block_rows=self.block_elements // max(1, batch * size),
                 )
-            return lambda g, guess: self._absorbed.row(g, eps, guess)
+            absorbed = self._absorbed[key]
+            return lambda g, guess: absorbed.row(g, eps, guess)
         geometry = PointCloud(
-            self.stack.rows,
-            self.stack.cols,
-            self.cost,
-            scale=self.scale,
-            block_elements=self.block_elements,
+            rows, cols, self.cost, scale=self.scale, block_elements=self.block_elements
         )
-        row = geometry.log_step(self.log_cols, self.log_cols, eps).row
+        row = geometry.log_step(log_cols, log_cols, eps).row
         return lambda g, guess: row(g)
 
     def update(self, state: torch.Tensor, eps: torch.Tensor, step=None) -> torch.Tensor:
@@ -224,11 +227,19 @@ class SymmetricLoop:
     def converge(
         self, state: torch.Tensor, eps: torch.Tensor, tol: float, max_iter: int
     ) -> tuple[torch.Tensor, LoopInfo]:
-        """Continue the symmetric updates at the target ``eps (P B, 1)`` until the
+        """Continue the updates at the target ``eps (P B, 1)`` until the
         fixed-point residual ``sum_i w_i |exp((P_i - tau T(P')_i) / eps) - 1| / sum(w)``
         (for balanced problems: the L1 marginal violation of each part's plan, relative
         to its mass) is ``<= tol`` in every part of a divergence problem."""
         step = self._step(eps)
+        # OT(α, β): alternating updates f_ba <- T(g_ab), then g_ab <- T(f_ba) (Sinkhorn's,
+        # much faster than averaging them); OT(α, α), OT(β, β): the averaged update, whose
+        # plain form would oscillate.
+        batch = self.batch
+        cross = slice(batch, 2 * batch)
+        g_step = self._step(eps[cross], cross)
+        tau = damping(eps[cross], self.rho)
+        averaged = (torch.arange(len(state), device=state.device) >= 2 * batch).unsqueeze(-1)
         weights = self.stack.row_weights.double()
         mass = weights.sum(-1)
         active = torch.ones(self.batch, dtype=torch.bool, device=state.device)
@@ -249,7 +260,9 @@ class SymmetricLoop:
             if t == max_iter or not bool(active.any()):
                 break
             keep = active.repeat(self.stack.parts).unsqueeze(-1)
-            state = torch.where(keep, 0.5 * (state + target), state)
+            new = torch.where(averaged, 0.5 * (state + target), target)
+            new[cross] = tau * g_step(new[:batch], new[cross] / tau)
+            state = torch.where(keep, new, state)
             n_iter += active
         if bool(active.any()):
             bad = active.nonzero().flatten().tolist()
