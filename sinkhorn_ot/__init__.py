@@ -10,6 +10,7 @@ Example:
 
 from ._loop import KernelUnderflowError
 from .costs import cosine, euclidean, sqeuclidean
+from .divergence import SinkhornLoss, sinkhorn_divergence
 from .errors import ImplicitGradientError, SinkhornConvergenceWarning
 from .exact import EMDResult, emd
 from .geometry import DenseCost, Geometry, PointCloud
@@ -29,6 +30,7 @@ __all__ = [
     "LazyPlan",
     "PointCloud",
     "SinkhornConvergenceWarning",
+    "SinkhornLoss",
     "SinkhornResult",
     "cosine",
     "emd",
@@ -36,5 +38,6 @@ __all__ = [
     "pad_batch",
     "pad_points",
     "sinkhorn",
+    "sinkhorn_divergence",
     "sqeuclidean",
 ]

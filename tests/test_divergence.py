@@ -1,0 +1,349 @@
+"""Sinkhorn divergences against GeomLoss, POT, OTT-JAX, sinkhorn() and closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from geomloss import SamplesLoss
+from scipy.optimize import linprog
+
+from sinkhorn_ot import (
+    DenseCost,
+    PointCloud,
+    SinkhornConvergenceWarning,
+    SinkhornLoss,
+    pad_points,
+    sinkhorn,
+    sinkhorn_divergence,
+)
+
+F64 = torch.float64
+
+
+def clouds(seed, batch=3, n=13, m=17, d=2, shift=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=gen, dtype=F64)
+    y = torch.randn(batch, m, d, generator=gen, dtype=F64) + shift
+    a = torch.rand(batch, n, generator=gen, dtype=F64) + 0.1
+    b = torch.rand(batch, m, generator=gen, dtype=F64) + 0.1
+    return x, y, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+
+
+def grads(value, inputs):
+    return torch.autograd.grad(value.sum(), inputs)
+
+
+def leaves(*tensors):
+    return [t.clone().requires_grad_(True) for t in tensors]
+
+
+def assert_close(ours, ref, rtol):
+    ours, ref = ours.detach(), ref.detach()
+    scale = ref.abs().max()
+    assert float((ours - ref).abs().max()) <= rtol * float(scale), (ours, ref)
+
+
+@pytest.mark.parametrize("reach", [None, 0.7])
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("scaling", [0.5, 0.9])
+@pytest.mark.parametrize("blur", [0.05, 0.3])
+def test_geomloss_parity_per_problem(reach, debias, scaling, blur):
+    x, y, a, b = leaves(*clouds(0))
+    mass = 1.0 if reach is None else 1.3  # unbalanced: unequal masses too
+    loss = SamplesLoss(
+        "sinkhorn",
+        p=2,
+        blur=blur,
+        reach=reach,
+        debias=debias,
+        scaling=scaling,
+        backend="tensorized",
+    )
+    ref = torch.stack(
+        [loss(mass * a[i : i + 1], x[i : i + 1], b[i : i + 1], y[i : i + 1])[0] for i in range(3)]
+    )
+    ours = sinkhorn_divergence(
+        x, y, mass * a, b, blur=blur, reach=reach, debias=debias, scaling=scaling
+    )
+    assert_close(ours, ref, 1e-6)
+    ref_grads = grads(ref, (x, y, a, b))
+    our_grads = grads(ours, (x, y, a, b))
+    # Unbalanced: GeomLoss's autograd applies its forward weight rho + eps/2 where the
+    # first variation has rho + eps (Séjourné et al. 2019, Prop. 12); see the FD test.
+    factor = 1.0 if reach is None else (reach**2 + blur**2) / (reach**2 + blur**2 / 2)
+    for mine, theirs in zip(our_grads, ref_grads, strict=True):
+        assert_close(mine, theirs * factor, 1e-6)
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_geomloss_parity_batched_call_with_shared_diameter(reach):
+    # GeomLoss's batched call uses one bounding box around the whole batch: the same
+    # schedule is ours with `diameter=` given.
+    x, y, a, b = leaves(*clouds(1, batch=4))
+    flat = torch.cat([x.detach().reshape(-1, 2), y.detach().reshape(-1, 2)])
+    diameter = float((flat.amax(0) - flat.amin(0)).norm())
+    loss = SamplesLoss("sinkhorn", p=2, blur=0.1, reach=reach, scaling=0.9, backend="tensorized")
+    ref = loss(a, x, b, y)
+    ours = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach, scaling=0.9, diameter=diameter)
+    assert_close(ours, ref, 1e-6)
+    if reach is None:
+        for mine, theirs in zip(grads(ours, (x, y)), grads(ref, (x, y)), strict=True):
+            assert_close(mine, theirs, 1e-6)
+
+
+def test_geomloss_parity_p1_and_module_call_forms():
+    # Raw OT only: GeomLoss's p = 1 cost is sqrt(max(|x - y|^2, 1e-8)), so its self
+    # costs C(x_i, x_i) are 1e-4 rather than 0, which moves its debiased value by ~1e-4.
+    x, y, a, b = leaves(*clouds(2, batch=1))
+    options = dict(p=1, blur=0.2, scaling=0.7, debias=False)
+    ref = SamplesLoss("sinkhorn", **options, backend="tensorized")(a, x, b, y)
+    module = SinkhornLoss(**options)
+    assert_close(module(a, x, b, y), ref, 1e-6)
+    uniform = SamplesLoss("sinkhorn", **options, backend="tensorized")(x, y)
+    assert_close(module(x, y), uniform, 1e-6)
+
+
+def finite_difference(fn, t, h=1e-5):
+    out = torch.zeros_like(t)
+    flat = out.view(-1)
+    for k in range(t.numel()):
+        plus, minus = t.clone(), t.clone()
+        plus.view(-1)[k] += h
+        minus.view(-1)[k] -= h
+        flat[k] = (fn(plus) - fn(minus)).sum() / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("reach", [None, 0.6])
+def test_gradients_match_finite_differences_at_convergence(reach):
+    x, y, a, b = clouds(3, batch=1, n=5, m=6)
+    a = a * (1.2 if reach else 1.0)
+    options = dict(blur=0.4, reach=reach, mode="converged", tol=1e-13, max_iter=5000)
+    xg, ag = leaves(x, a)
+    value = sinkhorn_divergence(xg, y, ag, b, **options)
+    gx, ga = grads(value, (xg, ag))
+    fd_x = finite_difference(lambda t: sinkhorn_divergence(t, y, a, b, **options), x)
+    assert_close(gx, fd_x, 1e-6)
+    if reach is not None:  # balanced weights cannot move alone (GeomLoss parity covers them)
+        fd_a = finite_difference(lambda t: sinkhorn_divergence(x, y, t, b, **options), a)
+        assert_close(ga, fd_a, 1e-6)
+
+
+def test_converged_mode_equals_three_converged_sinkhorn_solves():
+    x, y, a, b = leaves(*clouds(4, batch=2, n=8, m=10))
+    eps = 0.5**2
+    value = sinkhorn_divergence(x, y, a, b, blur=0.5, mode="converged", tol=1e-11, max_iter=5000)
+
+    def ot_value(u, v, wu, wv):
+        res = sinkhorn(
+            PointCloud(u, v, scale=0.5),
+            wu,
+            wv,
+            eps=eps,
+            tol=1e-9,
+            max_iter=20000,
+            grad="envelope",
+            backend="torch",
+        )
+        return res.value
+
+    ref = ot_value(x, y, a, b) - 0.5 * ot_value(x, x, a, a) - 0.5 * ot_value(y, y, b, b)
+    assert_close(value, ref, 1e-9)
+    for mine, theirs in zip(grads(value, (x, y)), grads(ref, (x, y)), strict=True):
+        assert_close(mine, theirs, 1e-7)
+
+
+def test_identity_is_exactly_zero_with_finite_gradients():
+    x, _, a, _ = clouds(5)
+    xg, ag = leaves(x, a)
+    for p in (1, 2):
+        value = sinkhorn_divergence(xg, xg, ag, ag, p=p, blur=0.05)
+        assert float(value.abs().max()) <= 1e-12
+        for g in grads(value, (xg, ag)):
+            assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("blur", [0.01, 0.05, 0.5])
+def test_nonnegative_at_default_scaling(seed, blur):
+    x, y, a, b = clouds(10 + seed, batch=4, n=20, m=25, d=3, shift=0.1 * seed)
+    assert bool((sinkhorn_divergence(x, y, a, b, blur=blur) >= 0).all())
+
+
+def test_symmetric():
+    x, y, a, b = clouds(6)
+    for reach in (None, 0.8):
+        forward = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach)
+        backward = sinkhorn_divergence(y, x, b, a, blur=0.1, reach=reach)
+        assert_close(forward, backward, 1e-12)
+
+
+def transport_lp(a, b, cost):
+    """The unregularised OT cost by SciPy's linear programming (an independent oracle)."""
+    n, m = cost.shape
+    rows = np.kron(np.eye(n), np.ones((1, m)))
+    cols = np.kron(np.ones((1, n)), np.eye(m))
+    constraints = np.vstack([rows, cols])
+    result = linprog(cost.ravel(), A_eq=constraints, b_eq=np.concatenate([a, b]), method="highs")
+    assert result.success
+    return result.fun
+
+
+def test_tends_to_half_squared_wasserstein_as_blur_vanishes():
+    x, y, a, b = clouds(7, batch=1, n=8, m=10)
+    exact = transport_lp(a[0].numpy(), b[0].numpy(), 0.5 * torch.cdist(x[0], y[0]).square().numpy())
+    errors = [
+        abs(float(sinkhorn_divergence(x, y, a, b, blur=blur, scaling=0.95)) - exact)
+        for blur in (0.3, 0.1, 0.03)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] <= 0.02 * exact  # one update per temperature: not fully converged
+
+
+def test_translation():
+    x, y, a, b = clouds(8, batch=2, n=8, m=10)
+    t = torch.tensor([3.0, -2.0], dtype=F64)
+    options = dict(blur=0.5, mode="converged", tol=1e-11, max_iter=5000)
+    base = sinkhorn_divergence(x, y, a, b, **options)
+    # Moving both clouds changes nothing; moving one adds <t, mean(β) - mean(α)> + |t|^2/2
+    # (the cost |x - y - t|^2 / 2 differs from |x - y|^2 / 2 by separable terms).
+    assert_close(sinkhorn_divergence(x + t, y + t, a, b, **options), base, 1e-9)
+    means = (b.unsqueeze(-1) * y).sum(1) - (a.unsqueeze(-1) * x).sum(1)
+    expected = base + means @ t + 0.5 * float(t @ t)
+    assert_close(sinkhorn_divergence(x, y + t, a, b, **options), expected, 1e-9)
+
+
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_ragged_batch_equals_loop_of_single_problems(reach):
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(n, 2, generator=gen, dtype=F64) for n in (9, 4, 12)]
+    ys = [torch.randn(m, 2, generator=gen, dtype=F64) + 1 for m in (7, 11, 3)]
+    x, y, a, b = pad_points(xs, ys)
+    x = x.clone()
+    x[0, 9:] = 1e6  # where padding sits does not matter
+    x.requires_grad_(True)
+    batch = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach)
+    (grad_x,) = grads(batch, (x,))
+    for k, (xk, yk) in enumerate(zip(xs, ys, strict=True)):
+        xk = xk.clone().requires_grad_(True)
+        alone = sinkhorn_divergence(xk, yk, blur=0.1, reach=reach)
+        assert_close(batch[k], alone, 1e-12)
+        (gk,) = grads(alone, (xk,))
+        assert_close(grad_x[k, : len(xk)], gk, 1e-10)
+        assert bool((grad_x[k, len(xk) :] == 0).all())
+
+
+def test_single_points_and_zero_weights_give_finite_values_and_gradients():
+    for x, y in [
+        (torch.zeros(1, 2, dtype=F64), torch.zeros(1, 2, dtype=F64)),
+        (torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64)),
+    ]:
+        xg, yg = leaves(x, y)
+        value = sinkhorn_divergence(xg, yg, blur=0.05)
+        expected = 0.5 * float(((x - y) ** 2).sum())  # one point each: the plan is the pair
+        assert abs(float(value) - expected) <= 1e-12
+        assert all(bool(torch.isfinite(g).all()) for g in grads(value, (xg, yg)))
+    x, y, a, b = clouds(11, batch=1)
+    a = a.clone()
+    a[0, :5] = 0
+    a = a / a.sum()
+    xg, ag = leaves(x, a)
+    value = sinkhorn_divergence(xg, y, ag, b, blur=0.05)
+    assert all(bool(torch.isfinite(g).all()) for g in grads(value, (xg, ag)))
+
+
+def test_dense_costs_match_point_clouds():
+    x, y, a, b = leaves(*clouds(12))
+
+    def half_sq(u, v):
+        return 0.5 * ((u.unsqueeze(2) - v.unsqueeze(1)) ** 2).sum(-1)
+
+    def both(**options):
+        points = sinkhorn_divergence(x, y, a, b, blur=0.5, diameter=4.0, **options)
+        dense = sinkhorn_divergence(
+            DenseCost(half_sq(x, y)),
+            (half_sq(x, x), half_sq(y, y)),
+            a,
+            b,
+            blur=0.5,
+            diameter=4.0,
+            **options,
+        )
+        return dense, points
+
+    dense, points = both(scaling=0.8)
+    assert_close(dense, points, 1e-10)
+    # The gradients agree at convergence (the annealed ones differ by design, see
+    # stack_costs: the two plans of OT(α, β) are averaged for a given cost).
+    dense, points = both(mode="converged", tol=1e-12, max_iter=5000)
+    for mine, theirs in zip(grads(dense, (x, y, a, b)), grads(points, (x, y, a, b)), strict=True):
+        assert_close(mine, theirs, 1e-8)
+
+
+def test_eps_is_blur_to_the_p_and_float32_runs():
+    x, y, a, b = clouds(13)
+    assert_close(
+        sinkhorn_divergence(x, y, a, b, eps=0.01), sinkhorn_divergence(x, y, a, b, blur=0.1), 1e-12
+    )
+    single = sinkhorn_divergence(x.float(), y.float(), a.float(), b.float(), blur=0.05)
+    assert single.dtype == torch.float32
+    assert_close(single.double(), sinkhorn_divergence(x, y, a, b, blur=0.05), 1e-4)
+
+
+def test_converged_mode_warns_when_it_runs_out_of_iterations():
+    x, y, a, b = clouds(14)
+    with pytest.warns(SinkhornConvergenceWarning, match="did not reach tol"):
+        sinkhorn_divergence(x, y, a, b, blur=0.01, mode="converged", max_iter=2, tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(p=3), ValueError, "`p` must be 1"),
+        (dict(blur=0.1, eps=0.01), ValueError, "not both"),
+        (dict(blur=-1.0), ValueError, "`blur` must be a positive"),
+        (dict(scaling=1.0), ValueError, r"`scaling` must be a float in \(0, 1\)"),
+        (dict(mode="exact"), ValueError, "`mode` must be one of"),
+        (dict(reach=0.0), ValueError, "`reach` must be a positive"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    x, y, a, b = clouds(15)
+    with pytest.raises(error, match=match):
+        sinkhorn_divergence(x, y, a, b, **kwargs)
+
+
+def test_bad_inputs():
+    x, y, a, b = clouds(16)
+    with pytest.raises(ValueError, match="same total mass"):
+        sinkhorn_divergence(x, y, a * 2, b)
+    with pytest.raises(ValueError, match="share the batch size"):
+        sinkhorn_divergence(x, y[:2], a, b)
+    with pytest.raises(ValueError, match=r"`a` must have shape \(3, 13\)"):
+        sinkhorn_divergence(x, y, a[:, :5], b)
+    with pytest.raises(TypeError, match="pair"):
+        sinkhorn_divergence(DenseCost(torch.rand(3, 13, 17, dtype=F64)), None, a, b)
+
+
+def test_ott_jax_conventions():
+    ott = pytest.importorskip("ott")  # the test extra installs it
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    from ott.geometry import pointcloud
+    from ott.tools import sinkhorn_divergence as ott_divergence
+
+    x, y, a, b = clouds(17, batch=1, n=12, m=9)
+    value, _ = ott_divergence.sinkhorn_divergence(
+        pointcloud.PointCloud,
+        np.asarray(x[0]),
+        np.asarray(y[0]),
+        a=np.asarray(a[0]),
+        b=np.asarray(b[0]),
+        epsilon=0.1,
+        solve_kwargs={"threshold": 1e-11, "max_iterations": 5000},
+    )
+    del ott
+    # OTT's cost |x - y|^2 with epsilon e is twice ours (|x - y|^2 / 2) with eps = e / 2.
+    ours = sinkhorn_divergence(x, y, a, b, eps=0.05, mode="converged", tol=1e-11, max_iter=5000)
+    assert math.isclose(2 * float(ours), float(value), rel_tol=1e-8)
