@@ -37,6 +37,8 @@ class Problem:
         input_dtype: dtype the user passed ``C`` (or the points) in.
         geometry: the cost as a geometry in the compute dtype, batched (``DenseCost(C)``
             for a tensor; then ``C`` is that tensor, else ``C`` is ``None``).
+        rho: ``(B, 2)`` relaxation ``(rho_a, rho_b)`` in the compute dtype (``inf`` =
+            hard), or ``None`` when every problem is balanced.
     """
 
     C: torch.Tensor | None
@@ -46,6 +48,7 @@ class Problem:
     batched: bool
     input_dtype: torch.dtype
     geometry: object = None
+    rho: torch.Tensor | None = None
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -191,8 +194,15 @@ def check_weights(
     return w
 
 
-def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None) -> None:
+def check_masses(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    checks: ValueChecks | None = None,
+    relaxed: torch.Tensor | None = None,
+) -> None:
     """Balanced OT needs equal total mass per problem, up to the rounding of the weights.
+
+    Problems flagged in ``relaxed (B,)`` (a KL-relaxed marginal) are not checked.
 
     ``a`` and ``b`` are the weights as given (batched), each in its own dtype. Their
     masses are summed in float64 and compared with a relative tolerance of the square
@@ -204,6 +214,8 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = 
     coarse = max(a.dtype, b.dtype, key=lambda d: torch.finfo(d).eps)
     rtol = torch.finfo(coarse).eps ** 0.5
     differs = (sa - sb).abs() > rtol * torch.maximum(sa, sb)
+    if relaxed is not None:
+        differs = differs & ~relaxed
 
     def unequal() -> None:
         bad = differs.nonzero().flatten()
@@ -219,13 +231,20 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = 
     (checks.add if checks is not None else _now)(~differs.any(), unequal)
 
 
-def match_masses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def match_masses(
+    a: torch.Tensor, b: torch.Tensor, relaxed: torch.Tensor | None = None
+) -> torch.Tensor:
     """``b`` rescaled to the mass of ``a`` (both in the compute dtype), so the rounding
     difference left after :func:`check_masses` cannot keep the iterations from
-    converging."""
+    converging. Problems flagged in ``relaxed (B,)`` keep their own masses."""
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
-    return b * (sa / sb).to(b.dtype).unsqueeze(-1)
+    ratio = (sa / sb).to(b.dtype)
+    if relaxed is not None:
+        if bool(relaxed.all()):
+            return b
+        ratio = torch.where(relaxed, 1, ratio)
+    return b * ratio.unsqueeze(-1)
 
 
 def check_eps(
@@ -381,13 +400,17 @@ def check_init(
     return out[0]
 
 
-def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
-    """Validate ``C, a, b, eps`` and return them batched, in the compute dtype.
+def check_problem(
+    C: object, a: object, b: object, eps: object, rho_a: object = None, rho_b: object = None
+) -> Problem:
+    """Validate ``C, a, b, eps`` (and ``rho_a, rho_b``) and return them batched, in the
+    compute dtype.
 
     ``C`` is a cost tensor or a geometry (:mod:`sinkhorn_ot.geometry`). ``None``
     weights become uniform; if only one of ``a``/``b`` is given the other is uniform
-    with the same total mass.
+    with the same total mass. Equal masses are required only of balanced problems.
     """
+    from ._unbalanced import check_rho, relaxation, relaxed_problems
     from .geometry import DenseCost, Geometry, PointCloud
 
     checks = ValueChecks()
@@ -405,6 +428,14 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     a_b = check_weights("a", a, (batch, n), ref, batched, checks)
     b_b = check_weights("b", b, (batch, m), ref, batched, checks)
     dtype = compute_dtype(ref.dtype)
+    rho = relaxation(
+        check_rho("rho_a", rho_a, batch, batched, ref),
+        check_rho("rho_b", rho_b, batch, batched, ref),
+        batch,
+        dtype,
+        ref.device,
+    )
+    relaxed = relaxed_problems(rho, batch, ref.device) if rho is not None else None
     if isinstance(geometry, PointCloud):
         geometry = geometry.with_points(geometry.x.to(dtype), geometry.y.to(dtype))
         Cb = None
@@ -412,7 +443,7 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         Cb = (ref if batched else ref.unsqueeze(0)).to(dtype)
         geometry = DenseCost(Cb)
     if a_b is not None and b_b is not None:
-        check_masses(a_b, b_b, checks)
+        check_masses(a_b, b_b, checks, relaxed)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
     # Mask before anything else reads the weights: a missing side takes its mass from
     # the masked other side, so no gradient path bypasses the mask.
@@ -425,10 +456,10 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         mass = torch.ones(batch, 1, dtype=dtype, device=ref.device)
     a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
     b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
-    b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
+    b_b = match_masses(a_b, b_b, relaxed)  # a missing side already has the given side's mass
     eps_b = check_eps_in_dtype(check_eps(eps, batch, batched, ref, checks), Cb, dtype, checks)
     checks.run()
-    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry)
+    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry, rho)
 
 
 def _check_points(geometry, checks: ValueChecks) -> torch.Tensor:

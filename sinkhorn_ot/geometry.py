@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from . import costs as cost_builders
-from ._updates import KernelStep, LogStep
+from ._updates import KernelStep, LogStep, damped
 
 #: Point-cloud costs and the builder of one block of each (on centred points).
 POINT_COSTS = ("sqeuclidean", "euclidean", "cosine")
@@ -66,11 +66,12 @@ class Geometry:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def log_step(self, log_a, log_b, eps):
-        """Log-domain half-steps ``row(g)``/``col(f)`` for ``eps (B, 1)``."""
+    def log_step(self, log_a, log_b, eps, damping=None):
+        """Log-domain half-steps ``row(g)``/``col(f)`` for ``eps (B, 1)``; ``damping``
+        ``(tau_a, tau_b)`` multiplies the soft-mins of unbalanced problems."""
         raise NotImplementedError
 
-    def kernel_step(self, log_a, log_b, eps):
+    def kernel_step(self, log_a, log_b, eps, damping=None):
         """Kernel-form half-steps (products with ``exp(-C / eps)``) for ``eps (B, 1)``."""
         raise NotImplementedError
 
@@ -127,11 +128,11 @@ class DenseCost(Geometry):
     def device(self) -> torch.device:
         return self.C.device
 
-    def log_step(self, log_a, log_b, eps):
-        return LogStep(self.C, log_a, log_b, eps)
+    def log_step(self, log_a, log_b, eps, damping=None):
+        return LogStep(self.C, log_a, log_b, eps, damping)
 
-    def kernel_step(self, log_a, log_b, eps):
-        return KernelStep(self.C, log_a, log_b, eps)
+    def kernel_step(self, log_a, log_b, eps, damping=None):
+        return KernelStep(self.C, log_a, log_b, eps, damping)
 
     def scale(self) -> torch.Tensor:
         return self.C.detach().abs().amax(dim=(1, 2))
@@ -327,11 +328,11 @@ class PointCloud(Geometry):
                 [self.cost_block(i0, i1).abs().amax(dim=(1, 2)) for i0, i1 in self.blocks()]
             ).amax(0)
 
-    def log_step(self, log_a, log_b, eps):
-        return BlockLogStep(self, log_a, log_b, eps)
+    def log_step(self, log_a, log_b, eps, damping=None):
+        return BlockLogStep(self, log_a, log_b, eps, damping)
 
-    def kernel_step(self, log_a, log_b, eps):
-        return BlockKernelStep(self, log_a, log_b, eps)
+    def kernel_step(self, log_a, log_b, eps, damping=None):
+        return BlockKernelStep(self, log_a, log_b, eps, damping)
 
 
 class BlockLogStep:
@@ -341,8 +342,9 @@ class BlockLogStep:
     per-block log-sum-exps with ``logaddexp``.
     """
 
-    def __init__(self, geometry: Geometry, log_a, log_b, eps):
+    def __init__(self, geometry: Geometry, log_a, log_b, eps, damping=None):
         self.geometry, self.log_a, self.log_b, self.eps = geometry, log_a, log_b, eps
+        self.damping = damping
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
         h = (self.log_b + g / self.eps).unsqueeze(1)  # (B, 1, M)
@@ -351,7 +353,7 @@ class BlockLogStep:
             torch.logsumexp(h - self.geometry.cost_block(i0, i1) / e, dim=2)
             for i0, i1 in self.geometry.blocks()
         ]
-        return -self.eps * torch.cat(parts, dim=1)  # (B, N)
+        return damped(-self.eps * torch.cat(parts, dim=1), self.damping, 0)  # (B, N)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         k = (self.log_a + f / self.eps).unsqueeze(2)  # (B, N, 1)
@@ -364,7 +366,7 @@ class BlockLogStep:
         for i0, i1 in self.geometry.blocks():
             part = torch.logsumexp(k[:, i0:i1] - self.geometry.cost_block(i0, i1) / e, dim=1)
             total = part if total is None else torch.logaddexp(total, part)
-        return -self.eps * total  # (B, M)
+        return damped(-self.eps * total, self.damping, 1)  # (B, M)
 
 
 class BlockKernelStep:
@@ -374,8 +376,9 @@ class BlockKernelStep:
     :class:`sinkhorn_ot._updates.KernelStep`.
     """
 
-    def __init__(self, geometry: Geometry, log_a, log_b, eps):
+    def __init__(self, geometry: Geometry, log_a, log_b, eps, damping=None):
         self.geometry, self.log_a, self.log_b, self.eps = geometry, log_a, log_b, eps
+        self.damping = damping
 
     def _kernel(self, i0, i1):
         return torch.exp(-self.geometry.cost_block(i0, i1) / self.eps.unsqueeze(-1))
@@ -385,7 +388,7 @@ class BlockKernelStep:
         parts = [
             torch.bmm(self._kernel(i0, i1), v).squeeze(-1) for i0, i1 in self.geometry.blocks()
         ]
-        return -self.eps * torch.log(torch.cat(parts, dim=1))
+        return damped(-self.eps * torch.log(torch.cat(parts, dim=1)), self.damping, 0)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         u = torch.exp(self.log_a + f / self.eps).unsqueeze(1)  # (B, 1, N)
@@ -393,7 +396,7 @@ class BlockKernelStep:
         for i0, i1 in self.geometry.blocks():
             part = torch.bmm(u[:, :, i0:i1], self._kernel(i0, i1)).squeeze(1)  # (B, M)
             total = part if total is None else total + part
-        return -self.eps * torch.log(total)
+        return damped(-self.eps * torch.log(total), self.damping, 1)
 
 
 def as_geometry(C: object) -> Geometry:

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from . import _arrays, _build, ops
+from . import _unbalanced as ub
 from . import _validation as v
 from ._loop import KernelUnderflowError, eps_table, solve
 from ._updates import log_plan, safe_log
@@ -37,6 +38,9 @@ def sinkhorn(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps_scaling: float | None = None,
     backend: str = "auto",
+    rho_a: float | torch.Tensor | None = None,
+    rho_b: float | torch.Tensor | None = None,
+    stop: str | None = None,
 ) -> SinkhornResult:
     """Solve a batch of entropic optimal transport problems.
 
@@ -78,6 +82,18 @@ def sinkhorn(
             ``max(eps, max|C| * s**t)``, annealing from the cost scale down to ``eps``.
         backend: ``"auto"`` (native if available for the device and dtype, else torch),
             ``"torch"`` or ``"native"`` (error if unavailable).
+        rho_a, rho_b: relaxation of the row / column marginal (unbalanced OT, see
+            docs/unbalanced.md): ``None`` or ``inf`` keeps it a hard constraint; a float
+            or a ``(B,)`` tensor ``> 0`` adds ``rho * KL(P 1 | a)`` (resp. ``P^T 1 | b``,
+            generalised KL) to the objective instead. Relaxed problems need no equal
+            masses, keep their potentials unnormalised, report ``value`` = the full
+            objective (from the duals) and stop on ``stop="potentials"``.
+        stop: the stopping rule. ``"marginals"`` (the relative L1 marginal violation
+            above; the default of balanced problems) or ``"potentials"``: the sup-norm
+            change of the row potential over one iteration relative to eps, ``max_i
+            |f_next_i - f_i| / eps`` (the rule, and the only one, of relaxed problems;
+            ``err`` is then the larger of that change and the violation of the hard
+            marginals). ``None`` chooses per problem.
 
     Returns:
         :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
@@ -103,17 +119,21 @@ def sinkhorn(
     max_iter = v.check_int("max_iter", max_iter, 0)
     tol = v.check_tol(tol)
     eps_scaling = v.check_eps_scaling(eps_scaling)
-    problem = v.check_problem(C, a, b, eps)
-    ab, bb, eps_b = problem.a, problem.b, problem.eps
+    stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
+    rho_a, rho_b = arrays.tensor(rho_a), arrays.tensor(rho_b)
+    problem = v.check_problem(C, a, b, eps, rho_a, rho_b)
+    ab, bb, eps_b, rho = problem.a, problem.b, problem.eps, problem.rho
     geometry = problem.geometry
     batch, n, m = geometry.shape
     warm = v.check_init(init, batch, n, m, problem.batched, ab)
+    potentials = _stop_rule(stop, rho, batch, ab.device)
 
     offset = None
     if isinstance(geometry, DenseCost):
         # Costs are shift invariant: solve on C - c where an offset dominates the spread,
         # so that float32 potentials keep their digits (the outputs are shifted back).
-        offset = cost_offset(geometry.C, ab, bb)
+        # Not with a relaxed marginal: a shift of C changes how much mass is transported.
+        offset = cost_offset(geometry.C, ab, bb, ub.relaxed_problems(rho, batch, ab.device))
         C_solved = geometry.C if offset is None else geometry.C - offset.view(-1, 1, 1)
         geometry = DenseCost(_mask_padding_gradient(C_solved, ab, bb))
     elif grad == "unroll":
@@ -132,20 +152,22 @@ def sinkhorn(
         for i, method_used in enumerate(methods):
             try:
                 f, g, n_iter, err = _run(
-                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used
-                )
+                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used,
+                    rho, potentials,
+                )  # fmt: skip
                 break
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
-        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter)
+        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter, rho)
         # err describes the plan that is returned (both marginals, float64), computed once.
         f, g, n_iter, err = _refine(
-            backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used
-        )
+            backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used,
+            rho, potentials,
+        )  # fmt: skip
     if grad == "implicit":
-        f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g)
-    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+        f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g, rho)
+    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used, rho)
     if grad == "envelope":
         with torch.no_grad():
             result = _build_result(*parts)
@@ -159,6 +181,7 @@ def sinkhorn(
             result.plan,
             result.value,
             result.value_linear,
+            rho,
         )
         result = dataclasses.replace(result, value=value)
     elif grad == "none":
@@ -178,6 +201,20 @@ def sinkhorn(
             stacklevel=2,
         )
     return arrays.back(result if problem.batched else _unbatch(result))
+
+
+def _stop_rule(stop, rho, batch: int, device) -> torch.Tensor | None:
+    """``(B,)`` bool: problems that stop on their potentials, or ``None`` if none does."""
+    relaxed = ub.relaxed_problems(rho, batch, device)
+    if stop == "marginals" and bool(relaxed.any()):
+        k = int(relaxed.nonzero()[0])
+        raise ValueError(
+            "`stop` must be 'potentials' or None for problems with a relaxed marginal "
+            f"(rho_a or rho_b finite, e.g. problem {k}): their marginals are not constraints, "
+            "got stop='marginals'"
+        )
+    potentials = relaxed | (stop == "potentials")
+    return potentials if bool(potentials.any()) else None
 
 
 def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -221,28 +258,42 @@ def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, .
     return ("log",)
 
 
-def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
+def _run(backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, potentials=None):
     if backend == "native":
         settings = {"max_iter": max_iter, "tol": tol, "method": method}
+        if rho is not None or potentials is not None:  # the balanced ops stay as they were
+            settings["rho"] = None if rho is None else rho.detach()
+            settings["stop"] = potentials
         if isinstance(geometry, DenseCost):
             return ops.solve_dense(geometry.C, a, b, f0, table, **settings)
         x, y = (t.detach().contiguous() for t in geometry.centred_points())
         cost = {"cost": geometry.cost, "cost_scale": geometry.cost_scale}
         return ops.solve_points(x, y, a, b, f0, table, **settings, **cost)
-    return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
+    return solve(
+        geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method, rho=rho,
+        potentials=potentials,
+    )  # fmt: skip
 
 
-def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) -> SinkhornResult:
+def _build_result(
+    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, rho=None
+) -> SinkhornResult:
     mass = a.sum(-1)  # (B,)
     # Potentials are defined up to (f + c, g - c): split the constant so <f,a> = <g,b>.
     # The plan comes from the potentials as the loop left them: the shift is exact in
     # exact arithmetic, but its rounding (one ulp of f, a bias per row) would cost float32
     # plans about ulp(f) / eps of marginal accuracy, 1e-5 at eps = 0.01.
     plan = _plan_of(geometry, a, b, eps, f, g)
+    relaxed = ub.relaxed_problems(rho, a.shape[0], a.device)
     shift = ((g * b).sum(-1) - (f * a).sum(-1)) / (2 * mass)  # (B,)
+    if rho is not None:  # a relaxed problem has one solution: no constant to split
+        shift = torch.where(relaxed, 0, shift)
     f = f + shift.unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
     value = (f * a).sum(-1) + (g * b).sum(-1)
+    if rho is not None:  # the full objective, mass terms included (docs/unbalanced.md)
+        plan_mass = plan.marginals()[0].sum(-1) if isinstance(plan, LazyPlan) else plan.sum((1, 2))
+        value = torch.where(relaxed, ub.dual_value(f, g, a, b, eps, rho, plan_mass), value)
     if isinstance(plan, LazyPlan):
         value_linear = plan.linear_value()
     else:
@@ -252,14 +303,17 @@ def _build_result(geometry, a, b, eps, f, g, n_iter, err, tol, method, backend) 
     return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
 
 
-def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+def cost_offset(
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The shift ``c (B,)`` to take off ``C`` before solving, or ``None`` if none helps.
 
     ``c`` is the midpoint of the real entries' range (padding excluded), used only where
     it exceeds that range: then ``C - c`` has the same solution and plan, and float32
     potentials of size ``|C|`` no longer swamp the differences ``C_ij - C_kl`` that
     determine the plan (``torch.rand(10, 11) - 1e4`` lost 1e-2 of marginal accuracy).
-    Elsewhere ``C`` is used as given, bit for bit.
+    Elsewhere ``C`` is used as given, bit for bit, as it is in the problems flagged in
+    ``keep (B,)`` (unbalanced ones, whose solution a shift of ``C`` changes).
     """
     real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
     values = C.detach()
@@ -267,12 +321,14 @@ def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     low = torch.where(real, values, float("inf")).amin(dim=(1, 2))
     centre = (high + low) / 2
     shift = centre.abs() > (high - low)
+    if keep is not None:
+        shift = shift & ~keep
     if not bool(shift.any()):
         return None
     return torch.where(shift, centre, 0)
 
 
-def complete_potentials(geometry, a, b, f, g, table, max_iter):
+def complete_potentials(geometry, a, b, f, g, table, max_iter, rho=None):
     """What every backend's ``(f, g)`` still needs, on the torch side (shared).
 
     * A schedule longer than ``max_iter`` (``eps_scaling``) left ``g`` at a larger eps:
@@ -286,7 +342,8 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter):
     padded_rows = bool((a == 0).any())
     if not (unfinished or padded_rows):
         return f, g
-    step = geometry.log_step(safe_log(a), safe_log(b), table[:, -1:])
+    eps = table[:, -1:]
+    step = geometry.log_step(safe_log(a), safe_log(b), eps, ub.damping(rho, eps))
     if unfinished:
         g = step.col(f)
     if padded_rows:
@@ -298,7 +355,10 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter):
 _REFINE_ROUNDS, _REFINE_FACTOR = 3, 0.25
 
 
-def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method):
+def _refine(
+    backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method, rho=None,
+    potentials=None,
+):  # fmt: skip
     """Iterate on where the loop stopped but the returned plan misses ``tol``.
 
     The loop's test sees the row marginal of ``(f, col(f))`` and takes the column
@@ -307,10 +367,15 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
     problems continue from their potentials with a tighter loop tolerance, within the
     same ``max_iter`` budget; the others are left bit for bit as they were.
 
-    Returns ``f, g, n_iter`` and the violation of their plan (:func:`plan_violation`);
-    with ``tol=None`` only that violation is computed.
+    Returns ``f, g, n_iter`` and the violation of their plan (:func:`plan_violation`),
+    or for problems that stop on their potentials the :func:`certified_change`; with
+    ``tol=None`` only that measure is computed.
     """
-    certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
+
+    def certify(f, g):
+        return certified_error(geometry, a, b, eps, f, g, rho, potentials)
+
+    certified = certify(f, g)
     loop_tol = tol
     for _ in range(_REFINE_ROUNDS if tol is not None else 0):
         redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
@@ -321,15 +386,41 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
         loop_tol = loop_tol * _REFINE_FACTOR
         budget = int((max_iter - n_iter[index]).min())
         table = eps[index].unsqueeze(-1)
+        rho_sub = None if rho is None else rho[index]
+        rule_sub = None if potentials is None else potentials[index]
         f_sub, g_sub, extra, err_sub = _run(
-            backend, sub, a[index], b[index], f[index], table, budget, loop_tol, method
+            backend, sub, a[index], b[index], f[index], table, budget, loop_tol, method,
+            rho_sub, rule_sub,
+        )  # fmt: skip
+        f_sub, g_sub = complete_potentials(
+            sub, a[index], b[index], f_sub, g_sub, table, budget, rho_sub
         )
-        f_sub, g_sub = complete_potentials(sub, a[index], b[index], f_sub, g_sub, table, budget)
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
-        certified = plan_violation(_plan_of(geometry, a, b, eps, f, g), a, b)
+        certified = certify(f, g)
     return f, g, n_iter, certified
+
+
+def certified_error(geometry, a, b, eps, f, g, rho=None, potentials=None) -> torch.Tensor:
+    """``err (B,)`` float64 of the returned ``(f, g)`` under each problem's stopping rule.
+
+    ``"marginals"``: :func:`plan_violation`. ``"potentials"``: the larger of the change
+    :func:`sinkhorn_ot._unbalanced.potential_change` of one more row update and the
+    relative L1 violation of the hard marginals (none for a fully relaxed problem): a
+    relaxed side is never certified as a marginal, a hard one always is.
+    """
+    plan = _plan_of(geometry, a, b, eps, f, g)
+    if potentials is None:
+        return plan_violation(plan, a, b)
+    with torch.no_grad():
+        rows, cols = _marginals64(plan)
+        balanced = torch.full_like(eps.unsqueeze(-1).expand(-1, 2), float("inf"))
+        hard = ub.hard_violation(rows, cols, a, b, balanced if rho is None else rho)
+        e = eps.unsqueeze(-1)
+        step = geometry.log_step(safe_log(a), safe_log(b), e, ub.damping(rho, e))
+        change = ub.potential_change(f, step.row(g), a, e)
+        return torch.where(potentials, torch.maximum(change, hard), hard)
 
 
 def _plan_of(geometry, a, b, eps, f, g):
@@ -346,14 +437,18 @@ def _plan_of(geometry, a, b, eps, f, g):
 def plan_violation(plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a)`` of a plan, in float64, ``(B,)``."""
     with torch.no_grad():
-        if isinstance(plan, LazyPlan):
-            rows, cols = plan.marginals(dtype=torch.float64)
-        else:
-            plan64 = plan.detach().double()
-            rows, cols = plan64.sum(2), plan64.sum(1)
+        rows, cols = _marginals64(plan)
         a64, b64 = a.detach().double(), b.detach().double()
         gap = (rows - a64).abs().sum(-1) + (cols - b64).abs().sum(-1)
         return gap / a64.sum(-1)
+
+
+def _marginals64(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of a plan in float64, ``(B, N)``, ``(B, M)``."""
+    if isinstance(plan, LazyPlan):
+        return plan.marginals(dtype=torch.float64)
+    plan64 = plan.detach().double()
+    return plan64.sum(2), plan64.sum(1)
 
 
 def _shift_back(result: SinkhornResult, offset: torch.Tensor, a: torch.Tensor) -> SinkhornResult:
