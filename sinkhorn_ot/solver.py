@@ -263,7 +263,9 @@ def _run(backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, po
         settings = {"max_iter": max_iter, "tol": tol, "method": method}
         if rho is not None or potentials is not None:  # the balanced ops stay as they were
             settings["rho"] = None if rho is None else rho.detach()
-            settings["stop"] = potentials
+            # The per-problem rule: relaxed problems always use the potentials rule.
+            use_all = potentials is not None and bool(potentials.all())
+            settings["stop"] = "potentials" if use_all else "marginals"
         if isinstance(geometry, DenseCost):
             return ops.solve_dense(geometry.C, a, b, f0, table, **settings)
         x, y = (t.detach().contiguous() for t in geometry.centred_points())
