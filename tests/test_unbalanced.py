@@ -331,3 +331,19 @@ def test_bad_relaxation_is_a_clear_error(kwargs, error, match):
     C, a, b = problem()
     with pytest.raises(error, match=match):
         sinkhorn(C, a, b, eps=0.1, **kwargs)
+
+
+def test_outlier_example_runs_small(tmp_path):
+    """examples/unbalanced_outliers.py at a small size: balanced OT sends each outlier
+    its column mass, unbalanced OT almost nothing; the figure is written."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "unbalanced_outliers.py"
+    main = runpy.run_path(str(script))["main"]
+    out = tmp_path / "outliers.png"
+    sent = main(["--n", "40", "--outliers", "4", "--out", str(out)])
+    assert sent["balanced"] == pytest.approx(4 / 44, rel=1e-4)
+    assert sent["unbalanced"] < 0.2 * sent["balanced"]
+    pytest.importorskip("matplotlib")
+    assert out.stat().st_size > 0
