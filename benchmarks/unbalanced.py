@@ -151,8 +151,8 @@ def render(records) -> str:
                 lines.append(f"| {case} | {r.impl} | {r.value:.4g} | {ratio:.3g} |")
         lines.append("")
     lines.append(
-        "Dense rows: exactly %d iterations, eps = %g, rho = %g on both sides (masses 1 and "
-        "2), float64. Point clouds: float32, one problem, whole calls with eps annealing "
-        "(factor %g)." % (ITERS, EPS, RHO, PC_SCALING)
+        f"Dense rows: exactly {ITERS} iterations, eps = {EPS:g}, rho = {RHO:g} on both sides "
+        "(masses 1 and 2), float64. Point clouds: float32, one problem, whole calls with "
+        f"eps annealing (factor {PC_SCALING:g})."
     )
     return "\n".join(lines) + "\n"
