@@ -347,3 +347,59 @@ def test_outlier_example_runs_small(tmp_path):
     assert sent["unbalanced"] < 0.2 * sent["balanced"]
     pytest.importorskip("matplotlib")
     assert out.stat().st_size > 0
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="native-cpu unavailable")
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.parametrize("geometry", ["dense", "points"])
+def test_native_loop_matches_torch_loop(geometry, method):
+    """The loop contract with a relaxation: same iterates, n_iter and err on a batch that
+    mixes relaxed, semi-relaxed and balanced problems, with padding and annealing."""
+    from sinkhorn_ot import ops
+    from sinkhorn_ot._loop import eps_table, solve
+    from sinkhorn_ot.geometry import DenseCost
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 2, generator=gen, dtype=F64)
+    y = torch.randn(3, 7, 2, generator=gen, dtype=F64)
+    a = torch.rand(3, 9, generator=gen, dtype=F64) + 0.2
+    b = torch.rand(3, 7, generator=gen, dtype=F64) + 0.2
+    a[:, -2:], b[:, -1] = 0, 0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    rho = torch.tensor([[0.5, 2.0], [INF, 1.0], [INF, INF]], dtype=F64)
+    eps = torch.tensor([0.3, 0.2, 0.25], dtype=F64)
+    C = sqeuclidean(x, y)
+    table = eps_table(eps, C.abs().amax((1, 2)), 0.7)
+    f0 = torch.zeros_like(a)
+    kw = {"max_iter": 300, "tol": 1e-10, "method": method}
+    for stop in ("marginals", "potentials"):
+        potentials = torch.isfinite(rho).any(-1) | (stop == "potentials")
+        geo = DenseCost(C) if geometry == "dense" else PointCloud(x, y)
+        ref = solve(geo, a, b, f0, table, rho=rho, potentials=potentials, **kw)
+        if geometry == "dense":
+            out = ops.solve_dense(C, a, b, f0, table, rho=rho, stop=stop, **kw)
+        else:
+            x_c, y_c = (t.contiguous() for t in PointCloud(x, y).centred_points())
+            out = ops.solve_points(
+                x_c, y_c, a, b, f0, table, rho=rho, stop=stop, cost="sqeuclidean",
+                cost_scale=1.0, **kw,
+            )  # fmt: skip
+        assert torch.equal(out[2], ref[2]), (out[2], ref[2])
+        assert torch.allclose(out[0], ref[0], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(out[1], ref[1], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(out[3], ref[3], rtol=1e-5, atol=1e-14)
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="native-cpu unavailable")
+def test_ops_reject_bad_relaxation():
+    from sinkhorn_ot import ops
+
+    C, a, b = problem()
+    table = torch.full((2, 1), 0.1, dtype=F64)
+    kw = {"max_iter": 10, "tol": None, "method": "log"}
+    with pytest.raises(ValueError, match=r"`rho` must have shape \(2, 2\)"):
+        ops.solve_dense(C, a, b, torch.zeros_like(a), table, rho=torch.ones(2, 3, dtype=F64), **kw)
+    with pytest.raises(TypeError, match="`rho` must have the dtype"):
+        ops.solve_dense(C, a, b, torch.zeros_like(a), table, rho=torch.ones(2, 2), **kw)
+    with pytest.raises(ValueError, match="`stop` must be"):
+        ops.solve_dense(C, a, b, torch.zeros_like(a), table, stop="never", **kw)
