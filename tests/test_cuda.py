@@ -33,12 +33,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkhorn_ot import KernelUnderflowError, costs, native, sinkhorn
+from sinkhorn_ot import KernelUnderflowError, PointCloud, costs, native, sinkhorn
 from sinkhorn_ot._loop import _raise_non_finite, eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
 from sinkhorn_ot.testing import random_problem
 
 HAS_GPU = torch.cuda.is_available()
+INF = math.inf
 CSRC = Path(native.__file__).resolve().parent / "csrc"
 CUDA_DIR = CSRC / "cuda"
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emulation"
@@ -576,6 +577,30 @@ def test_gpu_sinkhorn_native_equals_torch_backend(method):
     assert_close_rel(res_n.plan, res_t.plan, 1e-9, "plan")
     assert_close_rel(res_n.value, res_t.value, 1e-10, "value")
     assert sinkhorn(C, a, b, **kw).backend == "native"  # auto picks native on the GPU
+
+
+@pytest.mark.parametrize("path", ["small", "large"], indirect=True)
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_unbalanced_native_equals_torch_backend(method, path):
+    """Relaxed, semi-relaxed and balanced problems of one batch, dense and points."""
+    C, a, b, _ = problem(6, 25, 30, torch.float64, device="cuda", seed=8, pad=True)
+    rho_a = torch.tensor([0.5, INF, 1.0, INF, 2.0, INF], dtype=torch.float64, device="cuda")
+    kw = {"eps": 0.05, "method": method, "tol": 1e-10, "max_iter": 5000, "grad": "none"}
+    kw |= {"rho_a": rho_a, "rho_b": 1.5}
+    res_n = sinkhorn(C, a, 2 * b, backend="native", **kw)
+    res_t = sinkhorn(C, a, 2 * b, backend="torch", **kw)
+    assert torch.equal(res_n.n_iter, res_t.n_iter)
+    assert_close_rel(res_n.plan, res_t.plan, 1e-9, "plan")
+    assert_close_rel(res_n.value, res_t.value, 1e-10, "value")
+    x, y, a, b, _ = points_problem(2, 70, 33, 3, torch.float64, device="cuda", pad=True)
+    kw |= {"eps": 0.2, "rho_a": 1.0}
+    pts_n = sinkhorn(PointCloud(x, y), a, b, backend="native", **kw)
+    pts_t = sinkhorn(PointCloud(x, y), a, b, backend="torch", **kw)
+    assert torch.equal(pts_n.n_iter, pts_t.n_iter)
+    assert_close_rel(pts_n.f, pts_t.f, 1e-9, "f")
 
 
 @pytest.mark.usefixtures("cuda_ok")
