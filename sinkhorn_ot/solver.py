@@ -163,7 +163,7 @@ def sinkhorn(
         # err describes the plan that is returned (both marginals, float64), computed once.
         f, g, n_iter, err = _refine(
             backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used,
-            rho, potentials,
+            rho, potentials, table.shape[1] - 1 > max_iter,
         )  # fmt: skip
     if grad == "implicit":
         f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g, rho)
@@ -359,7 +359,7 @@ _REFINE_ROUNDS, _REFINE_FACTOR = 3, 0.25
 
 def _refine(
     backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method, rho=None,
-    potentials=None,
+    potentials=None, unfinished=False,
 ):  # fmt: skip
     """Iterate on where the loop stopped but the returned plan misses ``tol``.
 
@@ -374,10 +374,12 @@ def _refine(
     ``tol=None`` only that measure is computed.
     """
 
-    def certify(f, g):
-        return certified_error(geometry, a, b, eps, f, g, rho, potentials)
+    def certify(f, g, change):
+        return certified_error(geometry, a, b, eps, f, g, rho, potentials, change)
 
-    certified = certify(f, g)
+    # The loop's err of a problem on the potentials rule is the change of the (f, g) it
+    # returned, unless an unfinished schedule recomputed g (complete_potentials).
+    certified = certify(f, g, None if unfinished else err)
     loop_tol = tol
     for _ in range(_REFINE_ROUNDS if tol is not None else 0):
         redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
@@ -400,17 +402,21 @@ def _refine(
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
-        certified = certify(f, g)
+        certified = certify(f, g, None if unfinished else err)
     return f, g, n_iter, certified
 
 
-def certified_error(geometry, a, b, eps, f, g, rho=None, potentials=None) -> torch.Tensor:
+def certified_error(
+    geometry, a, b, eps, f, g, rho=None, potentials=None, change=None
+) -> torch.Tensor:
     """``err (B,)`` float64 of the returned ``(f, g)`` under each problem's stopping rule.
 
     ``"marginals"``: :func:`plan_violation`. ``"potentials"``: the larger of the change
     :func:`sinkhorn_ot._unbalanced.potential_change` of one more row update and the
     relative L1 violation of the hard marginals (none for a fully relaxed problem): a
-    relaxed side is never certified as a marginal, a hard one always is.
+    relaxed side is never certified as a marginal, a hard one always is. ``change (B,)``
+    is that change when the loop measured it on these very ``(f, g)`` (its ``err``),
+    else ``None`` (one more row update computes it).
     """
     plan = _plan_of(geometry, a, b, eps, f, g)
     if potentials is None:
@@ -419,9 +425,10 @@ def certified_error(geometry, a, b, eps, f, g, rho=None, potentials=None) -> tor
         rows, cols = _marginals64(plan)
         balanced = torch.full_like(eps.unsqueeze(-1).expand(-1, 2), float("inf"))
         hard = ub.hard_violation(rows, cols, a, b, balanced if rho is None else rho)
-        e = eps.unsqueeze(-1)
-        step = geometry.log_step(safe_log(a), safe_log(b), e, ub.damping(rho, e))
-        change = ub.potential_change(f, step.row(g), a, e)
+        if change is None:
+            e = eps.unsqueeze(-1)
+            step = geometry.log_step(safe_log(a), safe_log(b), e, ub.damping(rho, e))
+            change = ub.potential_change(f, step.row(g), a, e)
         return torch.where(potentials, torch.maximum(change, hard), hard)
 
 
