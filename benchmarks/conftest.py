@@ -186,8 +186,14 @@ def pytest_sessionfinish(session, exitstatus):
     texts = []
     # A run of only the point-cloud section (-k point_cloud) must not overwrite the
     # committed dense-cost report with an empty one, and vice versa.
-    if any(not r.section.startswith("pc-") for r in reg.records):
+    if any(not r.section.startswith(("pc-", "ub-")) for r in reg.records):
         texts.append(report.write(reg, cfg["out"] / reg.meta["device_name"]))
+    if any(r.section.startswith("ub-") for r in reg.records):
+        from . import unbalanced
+
+        text = unbalanced.render(reg.records)
+        (cfg["out"] / f"{reg.meta['device_name']}-unbalanced.md").write_text(text)
+        texts.append(text)
     if any(r.section.startswith("pc-") for r in reg.records):
         path = cfg["out"] / f"{cfg['device'].type}-point-clouds.md"
         texts.append(report.write_point_clouds(reg, path))

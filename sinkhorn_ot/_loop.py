@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ._unbalanced import damping, potential_change
 from ._updates import row_violation, safe_log
 from .errors import KernelUnderflowError  # noqa: F401  (re-exported: its old home)
 from .errors import raise_non_finite as _raise_non_finite
@@ -129,6 +130,8 @@ def solve(
     max_iter: int,
     tol: float | None,
     method: str,
+    rho: torch.Tensor | None = None,
+    potentials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run Sinkhorn iterations from ``f0`` on any geometry: the torch backend's loop.
 
@@ -142,11 +145,17 @@ def solve(
         tol: stop a problem once its relative L1 marginal violation is ``<= tol``;
             ``None`` runs exactly ``max_iter`` iterations.
         method: ``"log"`` or ``"kernel"``.
+        rho: ``(B, 2)`` relaxation ``(rho_a, rho_b)`` (``inf`` = hard) or ``None``
+            (balanced): the half-steps are damped by ``rho / (rho + eps_t)``
+            (:mod:`sinkhorn_ot._unbalanced`).
+        potentials: ``(B,)`` bool, problems that stop on the sup-norm change of their
+            potentials (:func:`sinkhorn_ot._unbalanced.potential_change`) instead of
+            the marginal violation; ``None``: none does.
 
     Returns:
         ``f (B, N)``, ``g (B, M)``, ``n_iter (B,)`` int64, ``err (B,)`` float64: the
         final potentials (not yet normalised), the iterations each problem ran and the
-        violation of the returned ``(f, g)``.
+        stopping measure of the returned ``(f, g)``.
 
     Raises:
         KernelUnderflowError: a kernel-form potential became non-finite.
@@ -172,7 +181,8 @@ def solve(
 
     def step_at(t: int):
         make = geometry.log_step if method == "log" else geometry.kernel_step
-        return make(log_a, log_b, eps_at(t))
+        e = eps_at(t)
+        return make(log_a, log_b, e, damping(rho, e))
 
     step = step_at(0)
     f = f0
@@ -188,6 +198,9 @@ def solve(
         if tol is not None or last:
             with torch.no_grad():
                 violation = row_violation(f, f_next, a, eps_at(t), mass)
+                if potentials is not None:
+                    change = potential_change(f, f_next, a, eps_at(t))
+                    violation = torch.where(potentials, change, violation)
                 if not bool(torch.isfinite(violation[active]).all()):
                     _raise_non_finite(method)
                 err = torch.where(active, violation, err)

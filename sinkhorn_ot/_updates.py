@@ -14,6 +14,10 @@ exp(f / eps)``, ``v = b * exp(g / eps)``), which is faster but underflows when
 
 Zero weights enter as ``log 0 = -inf`` and drop out of every sum, so the potentials
 of padded rows/columns stay finite.
+
+Unbalanced problems (:mod:`sinkhorn_ot._unbalanced`) pass ``damping = (tau_a, tau_b)``:
+each soft-min is multiplied by the damping of its side, ``row`` by ``tau_a`` and ``col``
+by ``tau_b``; ``None`` (balanced) leaves the maps as above.
 """
 
 from __future__ import annotations
@@ -32,19 +36,25 @@ class LogStep:
     """
 
     def __init__(
-        self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor
+        self,
+        C: torch.Tensor,
+        log_a: torch.Tensor,
+        log_b: torch.Tensor,
+        eps: torch.Tensor,
+        damping: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.C_over_eps = C / eps.unsqueeze(-1)  # (B, N, M)
         self.log_a, self.log_b, self.eps = log_a, log_b, eps
+        self.damping = damping
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
         """``(B, M) -> (B, N)``: the f that meets the row marginal given g."""
         scores = (self.log_b + g / self.eps).unsqueeze(1) - self.C_over_eps  # (B, N, M)
-        return -self.eps * torch.logsumexp(scores, dim=2)
+        return damped(-self.eps * torch.logsumexp(scores, dim=2), self.damping, 0)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, N) -> (B, M)``: the g that meets the column marginal given f."""
-        return -self.eps * self.col_lse(f)
+        return damped(-self.eps * self.col_lse(f), self.damping, 1)
 
     def col_lse(self, f: torch.Tensor) -> torch.Tensor:
         """``(B, N) -> (B, M)``: ``log sum_i a_i exp((f_i - C_ij) / eps)`` over these rows.
@@ -63,23 +73,37 @@ class KernelStep:
     """
 
     def __init__(
-        self, C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: torch.Tensor
+        self,
+        C: torch.Tensor,
+        log_a: torch.Tensor,
+        log_b: torch.Tensor,
+        eps: torch.Tensor,
+        damping: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         self.K = torch.exp(-C / eps.unsqueeze(-1))  # (B, N, M)
         self.log_a, self.log_b, self.eps = log_a, log_b, eps
+        self.damping = damping
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
         v = torch.exp(self.log_b + g / self.eps)  # (B, M): b * exp(g / eps)
         Kv = torch.bmm(self.K, v.unsqueeze(-1)).squeeze(-1)  # (B, N)
-        return -self.eps * torch.log(Kv)
+        return damped(-self.eps * torch.log(Kv), self.damping, 0)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         u = torch.exp(self.log_a + f / self.eps)  # (B, N): a * exp(f / eps)
         Ktu = torch.bmm(u.unsqueeze(1), self.K).squeeze(1)  # (B, M)
-        return -self.eps * torch.log(Ktu)
+        return damped(-self.eps * torch.log(Ktu), self.damping, 1)
 
 
 STEPS = {"log": LogStep, "kernel": KernelStep}
+
+
+def damped(softmin: torch.Tensor, damping, side: int) -> torch.Tensor:
+    """``tau * softmin`` for the side ``side`` (0: rows, 1: columns) of ``damping``.
+
+    ``damping`` is ``None`` (balanced: returned as is) or ``(tau_a, tau_b)``, ``(B, 1)``.
+    """
+    return softmin if damping is None else softmin * damping[side]
 
 
 def safe_log(w: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,8 @@ class Problem:
         padded_rows: whether any row weight ``a`` is zero.
         offset: ``(B,)`` constant to take off a dense cost before solving (see
             :func:`cost_offset`), or ``None`` where no problem needs one.
+        rho: ``(B, 2)`` relaxation ``(rho_a, rho_b)`` in the compute dtype (``inf`` =
+            hard), or ``None`` when every problem is balanced.
     """
 
     C: torch.Tensor | None
@@ -53,6 +55,7 @@ class Problem:
     padded: bool = True
     padded_rows: bool = True
     offset: torch.Tensor | None = None
+    rho: torch.Tensor | None = None
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -219,8 +222,15 @@ def check_weights(
     return w
 
 
-def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = None) -> None:
+def check_masses(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    checks: ValueChecks | None = None,
+    relaxed: torch.Tensor | None = None,
+) -> None:
     """Balanced OT needs equal total mass per problem, up to the rounding of the weights.
+
+    Problems flagged in ``relaxed (B,)`` (a KL-relaxed marginal) are not checked.
 
     ``a`` and ``b`` are the weights as given (batched), each in its own dtype. Their
     masses are summed in float64 and compared with a relative tolerance of the square
@@ -232,6 +242,8 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = 
     coarse = max(a.dtype, b.dtype, key=lambda d: torch.finfo(d).eps)
     rtol = torch.finfo(coarse).eps ** 0.5
     differs = (sa - sb).abs() > rtol * torch.maximum(sa, sb)
+    if relaxed is not None:
+        differs = differs & ~relaxed
 
     def unequal() -> None:
         bad = differs.nonzero().flatten()
@@ -247,13 +259,20 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, checks: ValueChecks | None = 
     (checks.add if checks is not None else _now)(~differs.any(), unequal)
 
 
-def match_masses(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def match_masses(
+    a: torch.Tensor, b: torch.Tensor, relaxed: torch.Tensor | None = None
+) -> torch.Tensor:
     """``b`` rescaled to the mass of ``a`` (both in the compute dtype), so the rounding
     difference left after :func:`check_masses` cannot keep the iterations from
-    converging."""
+    converging. Problems flagged in ``relaxed (B,)`` keep their own masses."""
     sa = a.sum(-1, dtype=torch.float64)
     sb = b.sum(-1, dtype=torch.float64)
-    return b * (sa / sb).to(b.dtype).unsqueeze(-1)
+    ratio = (sa / sb).to(b.dtype)
+    if relaxed is not None:
+        if bool(relaxed.all()):
+            return b
+        ratio = torch.where(relaxed, 1, ratio)
+    return b * ratio.unsqueeze(-1)
 
 
 def check_eps(
@@ -409,13 +428,17 @@ def check_init(
     return out[0]
 
 
-def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
-    """Validate ``C, a, b, eps`` and return them batched, in the compute dtype.
+def check_problem(
+    C: object, a: object, b: object, eps: object, rho_a: object = None, rho_b: object = None
+) -> Problem:
+    """Validate ``C, a, b, eps`` (and ``rho_a, rho_b``) and return them batched, in the
+    compute dtype.
 
     ``C`` is a cost tensor or a geometry (:mod:`sinkhorn_ot.geometry`). ``None``
     weights become uniform; if only one of ``a``/``b`` is given the other is uniform
-    with the same total mass.
+    with the same total mass. Equal masses are required only of balanced problems.
     """
+    from ._unbalanced import check_rho, relaxation, relaxed_problems
     from .geometry import DenseCost, Geometry, PointCloud
 
     checks = ValueChecks()
@@ -433,6 +456,14 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
     a_b = check_weights("a", a, (batch, n), ref, batched, checks)
     b_b = check_weights("b", b, (batch, m), ref, batched, checks)
     dtype = compute_dtype(ref.dtype)
+    rho = relaxation(
+        check_rho("rho_a", rho_a, batch, batched, ref),
+        check_rho("rho_b", rho_b, batch, batched, ref),
+        batch,
+        dtype,
+        ref.device,
+    )
+    relaxed = relaxed_problems(rho, batch, ref.device) if rho is not None else None
     if isinstance(geometry, PointCloud):
         geometry = geometry.with_points(geometry.x.to(dtype), geometry.y.to(dtype))
         Cb = None
@@ -440,7 +471,7 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         Cb = (ref if batched else ref.unsqueeze(0)).to(dtype)
         geometry = DenseCost(Cb)
     if a_b is not None and b_b is not None:
-        check_masses(a_b, b_b, checks)
+        check_masses(a_b, b_b, checks, relaxed)
     # torch.where keeps values but gives zero weights (padding) exactly zero gradient.
     # Mask before anything else reads the weights: a missing side takes its mass from
     # the masked other side, so no gradient path bypasses the mask.
@@ -453,35 +484,44 @@ def check_problem(C: object, a: object, b: object, eps: object) -> Problem:
         mass = torch.ones(batch, 1, dtype=dtype, device=ref.device)
     a_b = a_b if a_b is not None else (mass / n).expand(batch, n)
     b_b = b_b if b_b is not None else (mass / m).expand(batch, m)
-    b_b = match_masses(a_b, b_b)  # a missing side already has the given side's mass
+    b_b = match_masses(a_b, b_b, relaxed)  # a missing side already has the given side's mass
     eps_b = check_eps_in_dtype(check_eps(eps, batch, batched, ref, checks), Cb, dtype, checks)
     padded_rows_fact = checks.observe((a_b == 0).any())
     padded_fact = checks.observe((a_b == 0).any() | (b_b == 0).any())
     if Cb is not None:
-        offset = cost_offset(Cb, a_b, b_b)
+        offset = cost_offset(Cb, a_b, b_b, rho)
         offset_fact = checks.observe((offset != 0).any())
     facts = checks.run()
     padded, padded_rows = facts[padded_fact], facts[padded_rows_fact]
     offset = offset if Cb is not None and facts[offset_fact] else None
-    return Problem(Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry, padded, padded_rows, offset)
+    return Problem(
+        Cb, a_b, b_b, eps_b, batched, ref.dtype, geometry, padded, padded_rows, offset, rho
+    )
 
 
-def cost_offset(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cost_offset(
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor | None = None
+) -> torch.Tensor:
     """The shift ``c (B,)`` to take off ``C`` before solving (0 where none helps).
 
     ``c`` is the midpoint of the real entries' range (padding excluded), used only where
     it exceeds that range: then ``C - c`` has the same solution and plan, and float32
     potentials of size ``|C|`` no longer swamp the differences ``C_ij - C_kl`` that
     determine the plan (``torch.rand(10, 11) - 1e4`` lost 1e-2 of marginal accuracy).
-    Elsewhere ``C`` is used as given, bit for bit. No host sync: :func:`check_problem`
-    reads whether any shift is non-zero together with its checks.
+    Elsewhere ``C`` is used as given, bit for bit, as it is in problems with a relaxed
+    marginal (``rho (B, 2)`` finite somewhere: a shift of ``C`` changes how much mass
+    they transport). No host sync: :func:`check_problem` reads whether any shift is
+    non-zero together with its checks.
     """
+    from ._unbalanced import relaxed_problems
+
     real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
     values = C.detach()
     high = torch.where(real, values, float("-inf")).amax(dim=(1, 2))
     low = torch.where(real, values, float("inf")).amin(dim=(1, 2))
     centre = (high + low) / 2
-    return torch.where(centre.abs() > (high - low), centre, 0)
+    shift = (centre.abs() > (high - low)) & ~relaxed_problems(rho, C.shape[0], C.device)
+    return torch.where(shift, centre, 0)
 
 
 def _check_points(geometry, checks: ValueChecks) -> torch.Tensor:

@@ -128,15 +128,17 @@ def _off_fixed_point(r, c, a, b) -> torch.Tensor:
     return ~finite | ~(gap <= FIXED_POINT_SLACK * a.sum(-1))
 
 
-def last_half_step_grads(geometry, a, b, eps, f, grad_g, wanted, tensors=None):
+def last_half_step_grads(geometry, a, b, eps, f, grad_g, wanted, tensors=None, rho=None):
     """Gradients of the returned solution where the implicit adjoint does not apply.
 
     The returned ``g`` is exactly ``col(f)``; these are the gradients of that last
     half-step with ``f`` held fixed (always finite: the derivatives of a log-sum-exp are
     softmax weights). ``grad_f`` does not propagate. Returns gradients for
     ``(C or the points, a, b, eps)`` in the order of ``wanted`` (the geometry's tensors
-    first: ``C`` for a dense cost, ``x, y`` for a point cloud with ``tensors``).
+    first: ``C`` for a dense cost, ``x, y`` for a point cloud with ``tensors``); ``rho
+    (B, 2)`` damps the half-step of unbalanced problems (held fixed).
     """
+    from ._unbalanced import damping
     from ._updates import safe_log
 
     inputs = list(tensors) if tensors is not None else [geometry.C]
@@ -147,7 +149,9 @@ def last_half_step_grads(geometry, a, b, eps, f, grad_g, wanted, tensors=None):
             geom = type(geometry)(geo[0])
         else:
             geom = geometry.with_points(*geo)
-        step = geom.log_step(safe_log(a_l), safe_log(b_l), eps_l.unsqueeze(-1))
+        e = eps_l.unsqueeze(-1)
+        tau = damping(None if rho is None else rho.detach(), e.detach())
+        step = geom.log_step(safe_log(a_l), safe_log(b_l), e, tau)
         g_new = step.col(f.detach())
         chosen = [t for t, w in zip(leaves, wanted) if w]
         grads = torch.autograd.grad(g_new, chosen, grad_g, allow_unused=True) if chosen else ()
@@ -303,22 +307,25 @@ def _solve_h(P, a, b, rf, rg):
     return mu_f * real_f, mu_g
 
 
-def consistent_system(a, b, rf, rg):
+def consistent_system(a, b, rf, rg, pinned=None):
     """Masks and safe weights of ``H μ = (rf, rg)``, and the right-hand side made consistent.
 
     Returns ``real_f, real_g`` (1 on real entries), ``a_safe, b_safe`` (1 on padding) and
     ``rf, rg`` with the rounding along ``H``'s null vector ``(1, -1)`` removed (the system
-    is consistent only orthogonally to it).
+    is consistent only orthogonally to it). ``pinned (B, 1)`` (1: balanced, 0: a relaxed
+    problem, whose ``H`` has no null space) limits that to the balanced problems.
     """
     real_f, real_g = (a > 0).to(rf.dtype), (b > 0).to(rf.dtype)
     a_safe = torch.where(a > 0, a, 1)
     b_safe = torch.where(b > 0, b, 1)
     count = real_f.sum(-1, keepdim=True) + real_g.sum(-1, keepdim=True)
     drift = ((rf * real_f).sum(-1, keepdim=True) - (rg * real_g).sum(-1, keepdim=True)) / count
+    if pinned is not None:
+        drift = drift * pinned
     return real_f, real_g, a_safe, b_safe, rf - drift * real_f, rg + drift * real_g
 
 
-def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg):
+def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg, pinned=None):
     """The dense solve in the variables ``ν = (sqrt(a) μf, sqrt(b) μg)``, in float64.
 
     Scaling ``H`` by ``diag(a, b)^(-1/2)`` on both sides gives ``[[I, A], [A^T, I]]`` with
@@ -329,7 +336,10 @@ def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg):
     Its null vector is ``sqrt(b)`` on the real columns, pinned by the rank-one term
     ``u u^T`` (``u`` its unit vector); the right-hand side is projected orthogonally to it.
     Non-finite entries (an unconverged problem whose plan overflowed) are never factorised:
-    :class:`ImplicitGradientError` says what to change.
+    :class:`ImplicitGradientError` says what to change. ``pinned (B, 1)``: 0 for relaxed
+    problems (``sinkhorn_ot.autograd_unbalanced``), whose system has no null space: the
+    diagonal ``a_safe, b_safe`` is then the plan's marginals over the damping, and
+    neither the pin nor the projection applies.
     """
     dtype = P.dtype
     P64 = P.double()
@@ -342,6 +352,8 @@ def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg):
     S = eye - torch.bmm(A.transpose(1, 2), A)
     u = sb * real_g64
     u = u / u.norm(dim=-1, keepdim=True)
+    if pinned is not None:
+        u = u * pinned.double()
     S = S + u.unsqueeze(2) * u.unsqueeze(1)
     rhs = rt_g - torch.bmm(A.transpose(1, 2), rt_f.unsqueeze(-1)).squeeze(-1)
     rhs = (rhs - u * (u * rhs).sum(-1, keepdim=True)) * real_g64
@@ -366,13 +378,18 @@ def _schur_cg(P, a_safe, b_safe, real_g, rhs):
     return _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs)
 
 
-def _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs):
-    """CG on the Schur complement given only the products ``P x`` and ``P^T y``."""
+def _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs, pinned=None):
+    """CG on the Schur complement given only the products ``P x`` and ``P^T y``.
+
+    ``pinned (B, 1)``: 0 for relaxed problems, whose complement has no null vector to
+    project out (see :func:`_solve_scaled_dense`).
+    """
     m = real_g.sum(-1, keepdim=True)
     dtype = rhs.dtype
+    along = real_g if pinned is None else real_g * pinned
 
     def project(v):  # stay orthogonal to S's null vector
-        return (v - real_g * ((v * real_g).sum(-1, keepdim=True) / m)) * real_g
+        return (v - along * ((v * real_g).sum(-1, keepdim=True) / m)) * real_g
 
     def matvec(x):
         return b_safe * x - p_rmv(p_mv(x) / a_safe)
@@ -397,12 +414,18 @@ def _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs):
     return x
 
 
-def implicit_potentials(geometry, a, b, eps, f, g):
+def implicit_potentials(geometry, a, b, eps, f, g, rho=None):
     """``(f, g)`` with implicit-function gradients, for any geometry.
 
     A dense cost uses the dense adjoint (:class:`ImplicitPotentials`); a point cloud
     the matrix-free one (:class:`sinkhorn_ot.autograd_lazy.ImplicitPointPotentials`).
+    A batch with relaxed marginals (``rho (B, 2)``) goes to
+    :mod:`sinkhorn_ot.autograd_unbalanced`.
     """
+    if rho is not None:
+        from .autograd_unbalanced import implicit_relaxed_potentials
+
+        return implicit_relaxed_potentials(geometry, a, b, eps, f, g, rho)
 
     if isinstance(geometry, DenseCost):
         return ImplicitPotentials.apply(geometry.C, a, b, eps, f, g)
@@ -411,7 +434,7 @@ def implicit_potentials(geometry, a, b, eps, f, g):
     return ImplicitPointPotentials.apply(geometry, a, b, eps, f, g, geometry.x, geometry.y)
 
 
-def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
+def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear, rho=None):
     """``value`` with Danskin's gradients and no graph through the iterations.
 
     The regularised OT value ``V = min_P <C, P> + eps KL(P || a b^T)`` has
@@ -422,7 +445,8 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
     ``-eps / 2`` makes joint mass changes exact). All of ``f, g, plan, value`` are
     detached; each term below is zero in value and carries one partial derivative.
     For a point cloud, ``dV/dC = P`` reaches the points through
-    :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan).
+    :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan). Relaxed
+    problems (``rho (B, 2)``): :func:`sinkhorn_ot.autograd_unbalanced.relaxed_envelope`.
     """
 
     if isinstance(geometry, DenseCost):
@@ -434,6 +458,12 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear):
         cost_term = PlanCostPairing.apply(plan, geometry.x, geometry.y)
     e = eps.detach().unsqueeze(-1)
     kl = (value - value_linear) / eps.detach()
+    if rho is not None:
+        from .autograd_unbalanced import relaxed_envelope
+
+        return relaxed_envelope(
+            geometry, a, b, eps, f, g, plan, value, value_linear, rho, cost_term
+        )
     return (
         value
         + ((f - e / 2) * (a - a.detach())).sum(-1)

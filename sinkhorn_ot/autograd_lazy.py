@@ -155,36 +155,8 @@ class ImplicitPointPotentials(torch.autograd.Function):
             grad_f = torch.where(keep.unsqueeze(-1), grad_f, 0)
             grad_g = torch.where(keep.unsqueeze(-1), grad_g, 0)
         lam_f, lam_g = adjoint_products(Q, a, b, grad_f, grad_g)
-        u, v = lam_f / r, lam_g / c
-        e = eps.unsqueeze(-1)
-        grad_a = torch.where(a > 0, -e * Q.mv(v), 0) if want_a else None
-        grad_b = torch.where(b > 0, -e * Q.rmv(u), 0) if want_b else None
-        grad_x = torch.zeros_like(x) if want_x else None
-        grad_y = torch.zeros_like(y) if want_y else None
-        row_mean = torch.zeros_like(f)
-        col_mean = torch.zeros_like(g)
-        for i0, i1 in geometry.blocks():
-            cost = geometry.cost_block(i0, i1)
-            Qb = Q.block(i0, i1, cost)
-            if want_eps:
-                QL = Qb * (f[:, i0:i1].unsqueeze(2) + g.unsqueeze(1) - cost)
-                row_mean[:, i0:i1] = torch.bmm(QL, b.unsqueeze(-1)).squeeze(-1)
-                col_mean += torch.bmm(a[:, i0:i1].unsqueeze(1), QL).squeeze(1)
-            if want_x or want_y:
-                # C̄ = Q (u b^T + a v^T) on real pairs, contracted with dC/d(points) at once.
-                weight = torch.bmm(
-                    torch.stack((u[:, i0:i1], a[:, i0:i1]), -1), torch.stack((b, v), 1)
-                )
-                weight = weight * Qb * _real_pairs(a, b, i0, i1)
-                gx, gy = geometry.cost_vjp(i0, i1, weight)
-                if want_x:
-                    grad_x += gx
-                if want_y:
-                    grad_y += gy
-        grad_eps = None
-        if want_eps:
-            grad_eps = -(lam_f * (r.log() - row_mean / r / e)).sum(-1)
-            grad_eps = grad_eps - (lam_g * (c.log() - col_mean / c / e)).sum(-1)
+        grads = point_parameter_grads(geometry, Q, a, b, eps, f, g, r, c, lam_f, lam_g, wanted)
+        grad_x, grad_y, grad_a, grad_b, grad_eps = grads
         if fallback is not None:
             merged = [
                 _merge_per_problem(off, regular, other)
@@ -192,6 +164,46 @@ class ImplicitPointPotentials(torch.autograd.Function):
             ]
             grad_x, grad_y, grad_a, grad_b, grad_eps = merged
         return None, grad_a, grad_b, grad_eps, None, None, grad_x, grad_y
+
+
+def point_parameter_grads(geometry, Q, a, b, eps, f, g, r, c, lam_f, lam_g, wanted):
+    """``(x̄, ȳ, ā, b̄, eps̄)`` of :func:`sinkhorn_ot.autograd.parameter_grads`, block-wise.
+
+    ``Q`` is the :class:`BlockQ` of the solution, ``r = Q b``, ``c = Q^T a``, ``λ`` the
+    adjoint's solution and ``wanted`` five bools (``x, y, a, b, eps``); the cost's
+    gradient is contracted with the Jacobian of each block of the cost at once.
+    """
+    want_x, want_y, want_a, want_b, want_eps = wanted
+    x, y = geometry.x, geometry.y
+    u, v = lam_f / r, lam_g / c
+    e = eps.unsqueeze(-1)
+    grad_a = torch.where(a > 0, -e * Q.mv(v), 0) if want_a else None
+    grad_b = torch.where(b > 0, -e * Q.rmv(u), 0) if want_b else None
+    grad_x = torch.zeros_like(x) if want_x else None
+    grad_y = torch.zeros_like(y) if want_y else None
+    row_mean = torch.zeros_like(f)
+    col_mean = torch.zeros_like(g)
+    for i0, i1 in geometry.blocks():
+        cost = geometry.cost_block(i0, i1)
+        Qb = Q.block(i0, i1, cost)
+        if want_eps:
+            QL = Qb * (f[:, i0:i1].unsqueeze(2) + g.unsqueeze(1) - cost)
+            row_mean[:, i0:i1] = torch.bmm(QL, b.unsqueeze(-1)).squeeze(-1)
+            col_mean += torch.bmm(a[:, i0:i1].unsqueeze(1), QL).squeeze(1)
+        if want_x or want_y:
+            # C̄ = Q (u b^T + a v^T) on real pairs, contracted with dC/d(points) at once.
+            weight = torch.bmm(torch.stack((u[:, i0:i1], a[:, i0:i1]), -1), torch.stack((b, v), 1))
+            weight = weight * Qb * _real_pairs(a, b, i0, i1)
+            gx, gy = geometry.cost_vjp(i0, i1, weight)
+            if want_x:
+                grad_x += gx
+            if want_y:
+                grad_y += gy
+    grad_eps = None
+    if want_eps:
+        grad_eps = -(lam_f * (r.log() - row_mean / r / e)).sum(-1)
+        grad_eps = grad_eps - (lam_g * (c.log() - col_mean / c / e)).sum(-1)
+    return grad_x, grad_y, grad_a, grad_b, grad_eps
 
 
 class PlanCostPairing(torch.autograd.Function):

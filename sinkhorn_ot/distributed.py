@@ -329,7 +329,9 @@ def sharded_sinkhorn(
             geometry, ab, bb, f0, table, max_iter=max_iter, tol=tol, mass=problem.mass
         )
         padded = geometry.ranks.maximum((ab == 0).any().to(torch.int32).reshape(1))
-        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter, bool(padded[0]))
+        f, g = complete_potentials(
+            geometry, ab, bb, f, g, table, max_iter, padded_rows=bool(padded[0])
+        )
     if isinstance(geometry, RingShards):
         result = _ring_result(geometry, ab, bb, eps_b, f, g, n_iter, err, tol)
     else:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from . import costs as cost_builders
-from ._updates import KernelStep, LogStep
+from ._updates import KernelStep, LogStep, damped
 
 #: Point-cloud costs and the builder of one block of each (on centred points).
 POINT_COSTS = ("sqeuclidean", "euclidean", "cosine")
@@ -66,11 +66,12 @@ class Geometry:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def log_step(self, log_a, log_b, eps):
-        """Log-domain half-steps ``row(g)``/``col(f)`` for ``eps (B, 1)``."""
+    def log_step(self, log_a, log_b, eps, damping=None):
+        """Log-domain half-steps ``row(g)``/``col(f)`` for ``eps (B, 1)``; ``damping``
+        ``(tau_a, tau_b)`` multiplies the soft-mins of unbalanced problems."""
         raise NotImplementedError
 
-    def kernel_step(self, log_a, log_b, eps):
+    def kernel_step(self, log_a, log_b, eps, damping=None):
         """Kernel-form half-steps (products with ``exp(-C / eps)``) for ``eps (B, 1)``."""
         raise NotImplementedError
 
@@ -127,11 +128,11 @@ class DenseCost(Geometry):
     def device(self) -> torch.device:
         return self.C.device
 
-    def log_step(self, log_a, log_b, eps):
-        return LogStep(self.C, log_a, log_b, eps)
+    def log_step(self, log_a, log_b, eps, damping=None):
+        return LogStep(self.C, log_a, log_b, eps, damping)
 
-    def kernel_step(self, log_a, log_b, eps):
-        return KernelStep(self.C, log_a, log_b, eps)
+    def kernel_step(self, log_a, log_b, eps, damping=None):
+        return KernelStep(self.C, log_a, log_b, eps, damping)
 
     def scale(self) -> torch.Tensor:
         return self.C.detach().abs().amax(dim=(1, 2))
@@ -327,11 +328,11 @@ class PointCloud(Geometry):
                 [self.cost_block(i0, i1).abs().amax(dim=(1, 2)) for i0, i1 in self.blocks()]
             ).amax(0)
 
-    def log_step(self, log_a, log_b, eps):
-        return BlockLogStep(self, log_a, log_b, eps)
+    def log_step(self, log_a, log_b, eps, damping=None):
+        return BlockLogStep(self, log_a, log_b, eps, damping)
 
-    def kernel_step(self, log_a, log_b, eps):
-        return BlockKernelStep(self, log_a, log_b, eps)
+    def kernel_step(self, log_a, log_b, eps, damping=None):
+        return BlockKernelStep(self, log_a, log_b, eps, damping)
 
 
 class BlockLogStep:
@@ -341,11 +342,12 @@ class BlockLogStep:
     per-block log-sum-exps with ``logaddexp``.
     """
 
-    def __init__(self, geometry: Geometry, log_a, log_b, eps):
+    def __init__(self, geometry: Geometry, log_a, log_b, eps, damping=None):
         self.geometry, self.log_a, self.log_b, self.eps = geometry, log_a, log_b, eps
+        self.damping = damping
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
-        return -self.eps * self.row_lse(g)  # (B, N)
+        return damped(-self.eps * self.row_lse(g), self.damping, 0)  # (B, N)
 
     def row_lse(self, g: torch.Tensor) -> torch.Tensor:
         """``log sum_j b_j exp((g_j - C_ij) / eps)`` over this geometry's columns, ``(B, N)``."""
@@ -358,7 +360,7 @@ class BlockLogStep:
         return torch.cat(parts, dim=1)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
-        return -self.eps * self.col_lse(f)  # (B, M)
+        return damped(-self.eps * self.col_lse(f), self.damping, 1)  # (B, M)
 
     def col_lse(self, f: torch.Tensor) -> torch.Tensor:
         """``log sum_i a_i exp((f_i - C_ij) / eps)`` over this geometry's rows, ``(B, M)``
@@ -383,8 +385,9 @@ class BlockKernelStep:
     :class:`sinkhorn_ot._updates.KernelStep`.
     """
 
-    def __init__(self, geometry: Geometry, log_a, log_b, eps):
+    def __init__(self, geometry: Geometry, log_a, log_b, eps, damping=None):
         self.geometry, self.log_a, self.log_b, self.eps = geometry, log_a, log_b, eps
+        self.damping = damping
 
     def _kernel(self, i0, i1):
         return torch.exp(-self.geometry.cost_block(i0, i1) / self.eps.unsqueeze(-1))
@@ -394,7 +397,7 @@ class BlockKernelStep:
         parts = [
             torch.bmm(self._kernel(i0, i1), v).squeeze(-1) for i0, i1 in self.geometry.blocks()
         ]
-        return -self.eps * torch.log(torch.cat(parts, dim=1))
+        return damped(-self.eps * torch.log(torch.cat(parts, dim=1)), self.damping, 0)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
         u = torch.exp(self.log_a + f / self.eps).unsqueeze(1)  # (B, 1, N)
@@ -402,7 +405,7 @@ class BlockKernelStep:
         for i0, i1 in self.geometry.blocks():
             part = torch.bmm(u[:, :, i0:i1], self._kernel(i0, i1)).squeeze(1)  # (B, M)
             total = part if total is None else total + part
-        return -self.eps * torch.log(total)
+        return damped(-self.eps * torch.log(total), self.damping, 1)
 
 
 def as_geometry(C: object) -> Geometry:

@@ -91,6 +91,17 @@ def _check_leading(name: str, t, dims: str) -> None:
         raise TypeError(f"`{name}` must be float32 or float64, got {t.dtype}")
 
 
+#: The ``stop`` values of the ops (csrc/loop_rules.h).
+STOPS = ("marginals", "potentials")
+
+
+def _check_relaxation(ref, ref_name, batch, rho, stop) -> None:
+    if rho is not None:
+        _check_tensor("rho", rho, (batch, 2), ref, ref_name)
+    if stop not in STOPS:
+        raise ValueError(f"`stop` must be 'marginals' or 'potentials', got {stop!r}")
+
+
 def _check_common(ref, ref_name, batch, n, m, a, b, f0, eps_table, max_iter, tol, method) -> None:
     _check_tensor("a", a, (batch, n), ref, ref_name)
     _check_tensor("b", b, (batch, m), ref, ref_name)
@@ -111,13 +122,16 @@ def _check_common(ref, ref_name, batch, n, m, a, b, f0, eps_table, max_iter, tol
     check_method(method)
 
 
-def _check_dense(C, a, b, f0, eps_table, max_iter, tol, method) -> None:
+def _check_dense(C, a, b, f0, eps_table, max_iter, tol, method, rho=None, stop="marginals"):
     _check_leading("C", C, "(B, N, M)")
     batch, n, m = C.shape
     _check_common(C, "C", batch, n, m, a, b, f0, eps_table, max_iter, tol, method)
+    _check_relaxation(C, "C", batch, rho, stop)
 
 
-def _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale) -> None:
+def _check_points(
+    x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho=None, stop="marginals"
+) -> None:
     _check_leading("x", x, "(B, N, D)")
     batch, n, d = x.shape
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != batch or y.shape[2] != d:
@@ -130,6 +144,7 @@ def _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_s
         raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
     if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
         raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
+    _check_relaxation(x, "x", batch, rho, stop)
 
 
 def _require(device: torch.device, dtype: torch.dtype) -> None:
@@ -162,6 +177,8 @@ def solve_dense(
     max_iter: int,
     tol: float | None,
     method: str,
+    rho: torch.Tensor | None = None,
+    stop: str = "marginals",
     check_finite: bool = True,
 ) -> Outputs:
     """Sinkhorn potentials of a dense cost, the whole loop in one native call.
@@ -177,6 +194,11 @@ def solve_dense(
         tol: per-problem tolerance on the relative L1 marginal violation, checked once
             the annealing is over; ``None`` runs exactly ``max_iter`` iterations.
         method: ``"log"`` or ``"kernel"``.
+        rho: ``(B, 2)`` relaxation ``(rho_a, rho_b)`` per problem (``inf`` = hard
+            marginal), dtype of ``C``, or ``None`` (balanced): damps the half-steps by
+            ``rho / (rho + eps)`` (docs/unbalanced.md).
+        stop: ``"marginals"`` or ``"potentials"``: the stopping rule of balanced
+            problems (problems with a relaxed side always stop on their potentials).
         check_finite: raise if a potential came out non-finite (one host sync). The
             solver skips it only for ``method="log"`` with ``tol=None``: log-domain
             updates of validated input stay finite, and the caller asked for no checks.
@@ -203,13 +225,15 @@ def solve_dense(
         >>> bool((err <= 1e-9).all()), f.shape, g.shape, n_iter.dtype
         (True, torch.Size([2, 3]), torch.Size([2, 4]), torch.int64)
     """
-    _check_dense(C, a, b, f0, eps_table, max_iter, tol, method)
+    _check_dense(C, a, b, f0, eps_table, max_iter, tol, method, rho, stop)
     _require(C.device, C.dtype)
     out = torch.ops.sinkhorn_ot.solve(
         *_prepared(C, a, b, f0, eps_table),
         int(max_iter),
         None if tol is None else float(tol),
         method,
+        None if rho is None else rho.detach().contiguous(),
+        stop,
     )
     return _finish(out, method, check_finite)
 
@@ -227,6 +251,8 @@ def solve_points(
     method: str,
     cost: str,
     cost_scale: float,
+    rho: torch.Tensor | None = None,
+    stop: str = "marginals",
     check_finite: bool = True,
 ) -> Outputs:
     """Sinkhorn potentials between point clouds, the cost computed on the fly.
@@ -250,6 +276,7 @@ def solve_points(
         cost: ``"sqeuclidean"`` (``|x - y|^2``), ``"euclidean"`` (``|x - y|``) or
             ``"cosine"`` (``1 - <x, y> / (|x| |y|)``, norms floored at ``1e-8``).
         cost_scale: factor applied to the cost.
+        rho, stop: the relaxation and stopping rule, as for :func:`solve_dense`.
         check_finite: as in :func:`solve_dense`.
 
     Returns:
@@ -277,7 +304,7 @@ def solve_points(
         >>> torch.allclose(pts[0], dense[0], rtol=0, atol=1e-12), pts[2].tolist()
         (True, [50, 50])
     """
-    _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale)
+    _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho, stop)
     _require(x.device, x.dtype)
     out = torch.ops.sinkhorn_ot.solve_points(
         *_prepared(x, y, a, b, f0, eps_table),
@@ -286,6 +313,8 @@ def solve_points(
         method,
         cost,
         float(cost_scale),
+        None if rho is None else rho.detach().contiguous(),
+        stop,
     )
     return _finish(out, method, check_finite)
 
@@ -315,14 +344,17 @@ def register_fakes() -> None:
         )
 
     @torch.library.register_fake("sinkhorn_ot::solve")
-    def _solve_fake(C, a, b, f0, eps_table, max_iter, tol, method):
-        _check_dense(C, a, b, f0, eps_table, max_iter, tol, method)
+    def _solve_fake(C, a, b, f0, eps_table, max_iter, tol, method, rho=None, stop="marginals"):
+        _check_dense(C, a, b, f0, eps_table, max_iter, tol, method, rho, stop)
         batch, n, m = C.shape
         return outputs(C, batch, n, m)
 
     @torch.library.register_fake("sinkhorn_ot::solve_points")
-    def _solve_points_fake(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale):
-        _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale)
+    def _solve_points_fake(
+        x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho=None,
+        stop="marginals",
+    ):  # fmt: skip
+        _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho, stop)
         return outputs(x, x.shape[0], x.shape[1], y.shape[1])
 
     _FAKES_REGISTERED = True

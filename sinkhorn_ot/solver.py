@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from . import _arrays, _build, ops
+from . import _unbalanced as ub
 from . import _validation as v
 from ._loop import KernelUnderflowError, eps_table, solve
 from ._updates import log_plan, safe_log
@@ -39,6 +40,9 @@ def sinkhorn(
     backend: str = "auto",
     group=None,
     shard_y: bool = False,
+    rho_a: float | torch.Tensor | None = None,
+    rho_b: float | torch.Tensor | None = None,
+    stop: str | None = None,
 ) -> SinkhornResult:
     """Solve a batch of entropic optimal transport problems.
 
@@ -88,6 +92,18 @@ def sinkhorn(
         shard_y: with ``group``, the columns are sharded too: each rank passes its own
             slice of ``y`` and ``b`` (a :class:`PointCloud`), and ``g`` comes back
             sharded like ``y``.
+        rho_a, rho_b: relaxation of the row / column marginal (unbalanced OT, see
+            docs/unbalanced.md): ``None`` or ``inf`` keeps it a hard constraint; a float
+            or a ``(B,)`` tensor ``> 0`` adds ``rho * KL(P 1 | a)`` (resp. ``P^T 1 | b``,
+            generalised KL) to the objective instead. Relaxed problems need no equal
+            masses, keep their potentials unnormalised, report ``value`` = the full
+            objective (from the duals) and stop on ``stop="potentials"``.
+        stop: the stopping rule. ``"marginals"`` (the relative L1 marginal violation
+            above; the default of balanced problems) or ``"potentials"``: the sup-norm
+            change of the row potential over one iteration relative to eps, ``max_i
+            |f_next_i - f_i| / eps`` (the rule, and the only one, of relaxed problems;
+            ``err`` is then the larger of that change and the violation of the hard
+            marginals). ``None`` chooses per problem.
 
     Returns:
         :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
@@ -108,6 +124,12 @@ def sinkhorn(
     if group is not None or shard_y:
         from .distributed import sharded_sinkhorn
 
+        if rho_a is not None or rho_b is not None or stop is not None:
+            raise NotImplementedError(
+                "`rho_a`, `rho_b` and `stop` are not supported with `group` yet (the sharded "
+                f"loop is balanced), got rho_a={rho_a!r}, rho_b={rho_b!r}, stop={stop!r}"
+            )
+
         settings = {"method": method, "max_iter": max_iter, "tol": tol, "grad": grad}
         settings.update(init=init, eps_scaling=eps_scaling, backend=backend, shard_y=shard_y)
         return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
@@ -119,16 +141,20 @@ def sinkhorn(
     max_iter = v.check_int("max_iter", max_iter, 0)
     tol = v.check_tol(tol)
     eps_scaling = v.check_eps_scaling(eps_scaling)
-    problem = v.check_problem(C, a, b, eps)
-    ab, bb, eps_b = problem.a, problem.b, problem.eps
+    stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
+    rho_a, rho_b = arrays.tensor(rho_a), arrays.tensor(rho_b)
+    problem = v.check_problem(C, a, b, eps, rho_a, rho_b)
+    ab, bb, eps_b, rho = problem.a, problem.b, problem.eps, problem.rho
     geometry = problem.geometry
     batch, n, m = geometry.shape
     warm = v.check_init(init, batch, n, m, problem.batched, ab)
+    potentials = _stop_rule(stop, rho, batch, ab.device)
 
     offset = problem.offset
     if isinstance(geometry, DenseCost):
         # Costs are shift invariant: solve on C - c where an offset dominates the spread,
         # so that float32 potentials keep their digits (the outputs are shifted back).
+        # (Not for a relaxed marginal: validation leaves their offset at 0.)
         C_solved = geometry.C if offset is None else geometry.C - offset.view(-1, 1, 1)
         if problem.padded:
             C_solved = _mask_padding_gradient(C_solved, ab, bb)
@@ -149,21 +175,26 @@ def sinkhorn(
         for i, method_used in enumerate(methods):
             try:
                 f, g, n_iter, err = _run(
-                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used
-                )
+                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used,
+                    rho, potentials,
+                )  # fmt: skip
                 break
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
-        f, g = complete_potentials(geometry, ab, bb, f, g, table, max_iter, problem.padded_rows)
+        f, g = complete_potentials(
+            geometry, ab, bb, f, g, table, max_iter, rho, padded_rows=problem.padded_rows
+        )
         # err describes the plan that is returned (both marginals, float64), computed once.
         f, g, n_iter, err, plan = _refine(
-            backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used
-        )
-    if grad == "implicit" and _any_requires_grad(geometry, ab, bb, eps_b):
-        f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g)
+            backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used,
+            rho, potentials, table.shape[1] - 1 > max_iter,
+        )  # fmt: skip
+    if grad == "implicit" and _any_requires_grad(geometry, ab, bb, eps_b, rho):
+        f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g, rho)
         plan = None  # rebuilt from the potentials that carry the gradients
-    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used, plan)
+    parts = (geometry, ab, bb, eps_b, f, g, n_iter, err, tol, method_used, backend_used)
+    parts = (*parts, rho, plan)
     if grad == "envelope":
         with torch.no_grad():
             result = _build_result(*parts)
@@ -177,6 +208,7 @@ def sinkhorn(
             result.plan,
             result.value,
             result.value_linear,
+            rho,
         )
         result = dataclasses.replace(result, value=value)
     elif grad == "none":
@@ -201,6 +233,20 @@ def warn_unconverged(result: SinkhornResult, tol, max_iter: int, stacklevel: int
             SinkhornConvergenceWarning,
             stacklevel=stacklevel,
         )
+
+
+def _stop_rule(stop, rho, batch: int, device) -> torch.Tensor | None:
+    """``(B,)`` bool: problems that stop on their potentials, or ``None`` if none does."""
+    relaxed = ub.relaxed_problems(rho, batch, device)
+    if stop == "marginals" and bool(relaxed.any()):
+        k = int(relaxed.nonzero()[0])
+        raise ValueError(
+            "`stop` must be 'potentials' or None for problems with a relaxed marginal "
+            f"(rho_a or rho_b finite, e.g. problem {k}): their marginals are not constraints, "
+            "got stop='marginals'"
+        )
+    potentials = relaxed | (stop == "potentials")
+    return potentials if bool(potentials.any()) else None
 
 
 def _default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -244,28 +290,37 @@ def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, .
     return ("log",)
 
 
-def _run(backend, geometry, a, b, f0, table, max_iter, tol, method):
+def _run(backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, potentials=None):
     if backend == "native":
         # The only host sync left with tol=None and method="log" is validation's.
         check_finite = tol is not None or method != "log"
         settings = {"max_iter": max_iter, "tol": tol, "method": method}
         settings["check_finite"] = check_finite
+        if rho is not None or potentials is not None:  # the balanced ops stay as they were
+            settings["rho"] = None if rho is None else rho.detach()
+            # The per-problem rule: relaxed problems always use the potentials rule.
+            use_all = potentials is not None and bool(potentials.all())
+            settings["stop"] = "potentials" if use_all else "marginals"
         if isinstance(geometry, DenseCost):
             return ops.solve_dense(geometry.C, a, b, f0, table, **settings)
         x, y = (t.detach().contiguous() for t in geometry.centred_points())
         cost = {"cost": geometry.cost, "cost_scale": geometry.cost_scale}
         return ops.solve_points(x, y, a, b, f0, table, **settings, **cost)
-    return solve(geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method)
+    return solve(
+        geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method, rho=rho,
+        potentials=potentials,
+    )  # fmt: skip
 
 
-def _any_requires_grad(geometry: Geometry, *tensors: torch.Tensor) -> bool:
+def _any_requires_grad(geometry: Geometry, *tensors: torch.Tensor | None) -> bool:
     inputs = (geometry.C,) if isinstance(geometry, DenseCost) else (geometry.x, geometry.y)
-    return any(t.requires_grad for t in (*inputs, *tensors))
+    return any(t is not None and t.requires_grad for t in (*inputs, *tensors))
 
 
 def _build_result(
-    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, plan=None, shards=None
-) -> SinkhornResult:
+    geometry, a, b, eps, f, g, n_iter, err, tol, method, backend, rho=None, plan=None,
+    shards=None,
+) -> SinkhornResult:  # fmt: skip
     """The result of raw loop potentials ``f, g``; ``plan`` is their plan if already built.
 
     ``shards``: ``None``, or for rows sharded over ranks an object whose ``total(t)``
@@ -280,10 +335,16 @@ def _build_result(
     # plans about ulp(f) / eps of marginal accuracy, 1e-5 at eps = 0.01.
     if plan is None:
         plan = _plan_of(geometry, a, local(b), local(eps), f, local(g))
+    relaxed = ub.relaxed_problems(rho, a.shape[0], a.device)
     shift = ((g * b).sum(-1) - total((f * a).sum(-1))) / (2 * mass)  # (B,)
+    if rho is not None:  # a relaxed problem has one solution: no constant to split
+        shift = torch.where(relaxed, 0, shift)
     f = f + local(shift).unsqueeze(-1)
     g = g - shift.unsqueeze(-1)
     value = total((f * a).sum(-1)) + (g * b).sum(-1)
+    if rho is not None:  # the full objective, mass terms included (docs/unbalanced.md)
+        plan_mass = plan.marginals()[0].sum(-1) if isinstance(plan, LazyPlan) else plan.sum((1, 2))
+        value = torch.where(relaxed, ub.dual_value(f, g, a, b, eps, rho, plan_mass), value)
     if isinstance(plan, LazyPlan):
         value_linear = total(plan.linear_value())
     else:
@@ -297,7 +358,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None):
+def complete_potentials(geometry, a, b, f, g, table, max_iter, rho=None, padded_rows=None):
     """What every backend's ``(f, g)`` still needs, on the torch side (shared).
 
     * A schedule longer than ``max_iter`` (``eps_scaling``) left ``g`` at a larger eps:
@@ -315,7 +376,8 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None)
         padded_rows = bool((a == 0).any())
     if not (unfinished or padded_rows):
         return f, g
-    step = geometry.log_step(safe_log(a), safe_log(b), table[:, -1:])
+    eps = table[:, -1:]
+    step = geometry.log_step(safe_log(a), safe_log(b), eps, ub.damping(rho, eps))
     if unfinished:
         g = step.col(f)
     if padded_rows:
@@ -327,7 +389,10 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter, padded_rows=None)
 _REFINE_ROUNDS, _REFINE_FACTOR = 3, 0.25
 
 
-def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method):
+def _refine(
+    backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method, rho=None,
+    potentials=None, unfinished=False,
+):  # fmt: skip
     """Iterate on where the loop stopped but the returned plan misses ``tol``.
 
     The loop's test sees the row marginal of ``(f, col(f))`` and takes the column
@@ -336,11 +401,18 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
     problems continue from their potentials with a tighter loop tolerance, within the
     same ``max_iter`` budget; the others are left bit for bit as they were.
 
-    Returns ``f, g, n_iter``, the violation of their plan (:func:`plan_violation`) and
-    that plan; with ``tol=None`` only the plan and its violation are computed.
+    Returns ``f, g, n_iter``, the error of the returned ``(f, g)`` (the violation of
+    their plan, :func:`plan_violation`, or for problems that stop on their potentials
+    the :func:`certified_error`) and that plan; with ``tol=None`` only the plan and its
+    error are computed.
     """
-    plan = _plan_of(geometry, a, b, eps, f, g)
-    certified = plan_violation(plan, a, b)
+
+    def certify(f, g, change):
+        return certified_error(geometry, a, b, eps, f, g, rho, potentials, change, with_plan=True)
+
+    # The loop's err of a problem on the potentials rule is the change of the (f, g) it
+    # returned, unless an unfinished schedule recomputed g (complete_potentials).
+    certified, plan = certify(f, g, None if unfinished else err)
     loop_tol = tol
     for _ in range(_REFINE_ROUNDS if tol is not None else 0):
         redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
@@ -351,16 +423,52 @@ def _refine(backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, meth
         loop_tol = loop_tol * _REFINE_FACTOR
         budget = int((max_iter - n_iter[index]).min())
         table = eps[index].unsqueeze(-1)
+        rho_sub = None if rho is None else rho[index]
+        rule_sub = None if potentials is None else potentials[index]
         f_sub, g_sub, extra, err_sub = _run(
-            backend, sub, a[index], b[index], f[index], table, budget, loop_tol, method
+            backend, sub, a[index], b[index], f[index], table, budget, loop_tol, method,
+            rho_sub, rule_sub,
+        )  # fmt: skip
+        f_sub, g_sub = complete_potentials(
+            sub, a[index], b[index], f_sub, g_sub, table, budget, rho_sub
         )
-        f_sub, g_sub = complete_potentials(sub, a[index], b[index], f_sub, g_sub, table, budget)
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
-        plan = _plan_of(geometry, a, b, eps, f, g)
-        certified = plan_violation(plan, a, b)
+        certified, plan = certify(f, g, None if unfinished else err)
     return f, g, n_iter, certified, plan
+
+
+def certified_error(
+    geometry, a, b, eps, f, g, rho=None, potentials=None, change=None, with_plan=False
+):
+    """``err (B,)`` float64 of the returned ``(f, g)`` under each problem's stopping rule.
+
+    ``"marginals"``: :func:`plan_violation`. ``"potentials"``: the larger of the change
+    :func:`sinkhorn_ot._unbalanced.potential_change` of one more row update and the
+    relative L1 violation of the hard marginals (none for a fully relaxed problem): a
+    relaxed side is never certified as a marginal, a hard one always is. ``change (B,)``
+    is that change when the loop measured it on these very ``(f, g)`` (its ``err``),
+    else ``None`` (one more row update computes it). ``with_plan``: return ``(err,
+    plan)``, the plan of ``(f, g)`` it was computed from.
+    """
+    plan = _plan_of(geometry, a, b, eps, f, g)
+    err = _certified_error(geometry, plan, a, b, eps, f, g, rho, potentials, change)
+    return (err, plan) if with_plan else err
+
+
+def _certified_error(geometry, plan, a, b, eps, f, g, rho, potentials, change):
+    if potentials is None:
+        return plan_violation(plan, a, b)
+    with torch.no_grad():
+        rows, cols = _marginals64(plan)
+        balanced = torch.full_like(eps.unsqueeze(-1).expand(-1, 2), float("inf"))
+        hard = ub.hard_violation(rows, cols, a, b, balanced if rho is None else rho)
+        if change is None:
+            e = eps.unsqueeze(-1)
+            step = geometry.log_step(safe_log(a), safe_log(b), e, ub.damping(rho, e))
+            change = ub.potential_change(f, step.row(g), a, e)
+        return torch.where(potentials, torch.maximum(change, hard), hard)
 
 
 def _plan_of(geometry, a, b, eps, f, g):
@@ -381,17 +489,20 @@ def plan_violation(plan, a: torch.Tensor, b: torch.Tensor, row_total=None) -> to
     """
     total = _local if row_total is None else row_total
     with torch.no_grad():
-        if isinstance(plan, LazyPlan):
-            rows, cols = plan.marginals(dtype=torch.float64)
-        else:
-            # Sums accumulated in float64 without a float64 copy of the plan.
-            plan = plan.detach()
-            rows = plan.sum(2, dtype=torch.float64)
-            cols = plan.sum(1, dtype=torch.float64)
+        rows, cols = _marginals64(plan)
         a64, b64 = a.detach().double(), b.detach().double()
         cols = total(cols)
         gap = total((rows - a64).abs().sum(-1)) + (cols - b64).abs().sum(-1)
         return gap / total(a64.sum(-1))
+
+
+def _marginals64(plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of a plan in float64, ``(B, N)``, ``(B, M)``."""
+    if isinstance(plan, LazyPlan):
+        return plan.marginals(dtype=torch.float64)
+    # Sums accumulated in float64 without a float64 copy of the plan.
+    plan = plan.detach()
+    return plan.sum(2, dtype=torch.float64), plan.sum(1, dtype=torch.float64)
 
 
 def _shift_back(result: SinkhornResult, offset: torch.Tensor, a: torch.Tensor) -> SinkhornResult:

@@ -33,12 +33,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkhorn_ot import KernelUnderflowError, costs, native, sinkhorn
+from sinkhorn_ot import KernelUnderflowError, PointCloud, costs, native, sinkhorn
 from sinkhorn_ot._loop import _raise_non_finite, eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
 from sinkhorn_ot.testing import random_problem
 
 HAS_GPU = torch.cuda.is_available()
+INF = math.inf
 CSRC = Path(native.__file__).resolve().parent / "csrc"
 CUDA_DIR = CSRC / "cuda"
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emulation"
@@ -319,6 +320,59 @@ def test_path_choice(emulated):
     assert emulated.chosen_path(128, 128, 8, 4, 227 * 1024) == "small"  # H100: 227 KB
 
 
+# Unbalanced problems: a batch that mixes a fully relaxed, a semi-relaxed (hard rows) and
+# a balanced problem, so that the damping of each side and both stopping rules (per
+# problem) run in one launch; the oracle is the torch loop with the same relaxation.
+def mixed_relaxation(B, dtype):
+    inf = math.inf
+    rows = [[0.5, 2.0], [inf, 1.0], [inf, inf]]
+    return torch.tensor([rows[k % 3] for k in range(B)], dtype=dtype)
+
+
+def relaxed_reference(C, a, b, eps, f0, rho, stop, **kw):
+    from sinkhorn_ot._loop import solve
+    from sinkhorn_ot.geometry import DenseCost
+
+    table = table_of(C, eps, kw.pop("eps_scaling", None))
+    relaxed = torch.isfinite(rho).any(-1)
+    potentials = relaxed | (stop == "potentials")
+    return solve(DenseCost(C), a, b, f0, table, rho=rho, potentials=potentials, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["marginals", "potentials"])
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.parametrize(("path", "shape"), [("small", (3, 33, 40)), ("large", (3, 17, 9))])
+def test_emulated_unbalanced_match_torch(emulated, path, shape, method, stop):
+    B, N, M = shape
+    C, a, b, eps = problem(B, N, M, torch.float64, seed=N, pad=True, eps=0.3)
+    b = b * 2.5  # unequal masses: only the balanced problem is rescaled back
+    b[2] = b[2] / 2.5
+    rho = mixed_relaxation(B, torch.float64)
+    f0 = default_f0(a, eps)
+    kw = {"max_iter": 60, "tol": 1e-9, "method": method}
+    ref = relaxed_reference(C, a, b, eps, f0, rho, stop, **kw)
+    table = table_of(C, eps, None)
+    out = emulated.solve(C, a, b, f0, table, 60, 1e-9, method, path, EMU_SMS, EMU_SMEM, rho, stop)
+    assert_parity(ref, out, torch.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["log", "kernel"])
+def test_emulated_points_unbalanced_match_torch(emulated, method):
+    x, y, a, b, eps = points_problem(3, 70, 33, 3, torch.float64, seed=5, pad=True)
+    rho = mixed_relaxation(3, torch.float64)
+    f0 = default_f0(a, eps)
+    C = dense_cost(x, y, "sqeuclidean", 1.0)
+    kw = {"max_iter": 60, "tol": 1e-9, "method": method}
+    ref = relaxed_reference(C, a, b, eps, f0, rho, "marginals", **kw)
+    table = table_of(C, eps, None)
+    out = emulated.solve_points(
+        x, y, a, b, f0, table, 60, 1e-9, method, "sqeuclidean", 1.0, EMU_SMS, rho, "marginals"
+    )
+    assert_parity(ref, out, torch.float64)
+
+
 # Point clouds (B, N, M, D): B = 1 and B > 1; N, M in {1, 7, 33, 70} (one and two tiles
 # of 64, tails); D in {1, 3} (one chunk of 4 dimensions, the outer tile resident) and
 # {17, 64} (chunks of 16, a tail); and the inner range split over blocks or not.
@@ -523,6 +577,30 @@ def test_gpu_sinkhorn_native_equals_torch_backend(method):
     assert_close_rel(res_n.plan, res_t.plan, 1e-9, "plan")
     assert_close_rel(res_n.value, res_t.value, 1e-10, "value")
     assert sinkhorn(C, a, b, **kw).backend == "native"  # auto picks native on the GPU
+
+
+@pytest.mark.parametrize("path", ["small", "large"], indirect=True)
+@pytest.mark.parametrize("method", ["log", "kernel"])
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_unbalanced_native_equals_torch_backend(method, path):
+    """Relaxed, semi-relaxed and balanced problems of one batch, dense and points."""
+    C, a, b, _ = problem(6, 25, 30, torch.float64, device="cuda", seed=8, pad=True)
+    rho_a = torch.tensor([0.5, INF, 1.0, INF, 2.0, INF], dtype=torch.float64, device="cuda")
+    kw = {"eps": 0.05, "method": method, "tol": 1e-10, "max_iter": 5000, "grad": "none"}
+    kw |= {"rho_a": rho_a, "rho_b": 1.5}
+    res_n = sinkhorn(C, a, 2 * b, backend="native", **kw)
+    res_t = sinkhorn(C, a, 2 * b, backend="torch", **kw)
+    assert torch.equal(res_n.n_iter, res_t.n_iter)
+    assert_close_rel(res_n.plan, res_t.plan, 1e-9, "plan")
+    assert_close_rel(res_n.value, res_t.value, 1e-10, "value")
+    x, y, a, b, _ = points_problem(2, 70, 33, 3, torch.float64, device="cuda", pad=True)
+    kw |= {"eps": 0.2, "rho_a": 1.0}
+    pts_n = sinkhorn(PointCloud(x, y), a, b, backend="native", **kw)
+    pts_t = sinkhorn(PointCloud(x, y), a, b, backend="torch", **kw)
+    assert torch.equal(pts_n.n_iter, pts_t.n_iter)
+    assert_close_rel(pts_n.f, pts_t.f, 1e-9, "f")
 
 
 @pytest.mark.usefixtures("cuda_ok")

@@ -10,6 +10,14 @@
 //     accumulated in float64 over rows with a_i > 0. A problem stops at iteration t when
 //     a tolerance is given, the annealing is over (t >= S - 1) and err <= tol. It always
 //     stops at t == max_iter.
+//   * second measure, the potentials rule: err = max_i |f_next_i - f_i| / eps_t over rows
+//     with a_i > 0 (float64, a NaN propagates), the sup-norm change of the row potential
+//     over one iteration relative to eps. Problems with a relaxed marginal (rho < inf)
+//     always use it; a balanced problem uses it when the caller asks (stop_potentials).
+//     The same should_stop decides on either measure.
+//   * unbalanced problems: each half-step's soft-min is multiplied by the damping
+//     rho / (rho + eps_t) of its side (rows: rho_a, columns: rho_b), exactly 1 for a
+//     hard side (rho = inf); see docs/unbalanced.md.
 //
 // Plain C++ usable from host code and from CUDA device code (SINKHORN_OT_HD); no torch.
 #pragma once
@@ -45,6 +53,45 @@ SINKHORN_OT_HD inline double violation_term(T a, T f, T f_next, T eps) {
   const double r = expm1((static_cast<double>(f) - static_cast<double>(f_next)) /
                          static_cast<double>(eps));
   return static_cast<double>(a) * fabs(r);
+}
+
+// Damping of a half-step of a side relaxed with strength rho: rho / (rho + eps), exactly
+// 1 for a hard side (rho = inf, where the formula would read inf / inf).
+template <typename T>
+SINKHORN_OT_HD inline T damping(T rho, T eps) {
+  return rho == static_cast<T>(INFINITY) ? T(1) : rho / (rho + eps);
+}
+
+// Whether a problem stops on its potentials: asked for, or a relaxed side.
+template <typename T>
+SINKHORN_OT_HD inline bool uses_potentials(bool stop_potentials, T rho_a, T rho_b) {
+  const T inf = static_cast<T>(INFINITY);
+  return stop_potentials || rho_a < inf || rho_b < inf;
+}
+
+// One row's term of the potentials rule: |f_next_i - f_i| / eps, 0 for padding.
+template <typename T>
+SINKHORN_OT_HD inline double potential_term(T a, T f, T f_next, T eps) {
+  if (!(a > T(0))) return 0.0;
+  return fabs(static_cast<double>(f_next) - static_cast<double>(f)) / static_cast<double>(eps);
+}
+
+// One row's term of the measure of a problem's rule.
+template <typename T>
+SINKHORN_OT_HD inline double stop_term(bool potentials, T a, T f, T f_next, T eps) {
+  return potentials ? potential_term(a, f, f_next, eps) : violation_term(a, f, f_next, eps);
+}
+
+// Accumulates two partial measures: a sum (marginals) or a maximum that keeps a NaN
+// (potentials), so that every loop reduces its terms the same way.
+SINKHORN_OT_HD inline double stop_combine(bool potentials, double x, double y) {
+  if (!potentials) return x + y;
+  return (x != x || x > y) ? x : y;
+}
+
+// The measure from the reduced terms: relative to the mass (marginals) or as is.
+SINKHORN_OT_HD inline double stop_value(bool potentials, double total, double mass) {
+  return potentials ? total : total / mass;
 }
 
 // The stopping decision after the violation `err` of iteration t is known.

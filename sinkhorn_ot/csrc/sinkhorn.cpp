@@ -12,7 +12,10 @@
 //
 //   a (B, N), b (B, M): weights, zeros = padding; f0 (B, N): initial row potential;
 //   eps_table (B, S): iteration t uses eps_table[:, min(t, S - 1)];
-//   tol = None: exactly max_iter iterations; method: "log" or "kernel".
+//   tol = None: exactly max_iter iterations; method: "log" or "kernel";
+//   rho (B, 2): (rho_a, rho_b), the relaxation of each marginal (inf = hard; None: all
+//   balanced), damping the half-steps by rho / (rho + eps); stop: "marginals" or
+//   "potentials", the rule of balanced problems (relaxed ones always use the second).
 //   Returns f (B, N), g (B, M) in the dtype of the inputs (not normalised),
 //   n_iter (B,) int64, err (B,) float64.
 #include <torch/library.h>
@@ -20,9 +23,11 @@
 TORCH_LIBRARY(sinkhorn_ot, m) {
   m.def(
       "solve(Tensor C, Tensor a, Tensor b, Tensor f0, Tensor eps_table, int max_iter, "
-      "float? tol, str method) -> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
+      "float? tol, str method, Tensor? rho=None, str stop=\"marginals\") "
+      "-> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
   m.def(
       "solve_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor f0, Tensor eps_table, "
-      "int max_iter, float? tol, str method, str cost, float cost_scale) "
+      "int max_iter, float? tol, str method, str cost, float cost_scale, Tensor? rho=None, "
+      "str stop=\"marginals\") "
       "-> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
 }

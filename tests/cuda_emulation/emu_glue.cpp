@@ -2,7 +2,8 @@
 // CPU tensors, as the ops `sinkhorn_ot_emu::solve` and `sinkhorn_ot_emu::solve_points`,
 // with the arguments of `sinkhorn_ot::solve` / `sinkhorn_ot::solve_points`
 // (csrc/sinkhorn.cpp) plus a fake device (multiprocessor count, shared memory per block)
-// and, for solve, the path ("small"/"large"/"auto"). No input checks beyond the basics:
+// and, for solve, the path ("small"/"large"/"auto"), then the relaxation rho (B, 2) and
+// the stopping rule of unbalanced problems. No input checks beyond the basics:
 // the tests pass well-formed inputs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,7 +34,10 @@ Outputs outputs(const Tensor& ref, int64_t B, int64_t N, int64_t M) {
 template <typename T, typename Args>
 void fill_loop(Args& args, const Tensor& a, const Tensor& b, const Tensor& f0, const Tensor& et,
                int64_t max_iter, std::optional<double> tol, const std::string& method,
-               Outputs& o) {
+               Outputs& o, const std::optional<Tensor>& rho, const std::string& stop) {
+  TORCH_CHECK(stop == "marginals" || stop == "potentials", "emulated solve: bad stop ", stop);
+  args.rho = rho.has_value() ? rho->data_ptr<T>() : nullptr;
+  args.stop_potentials = stop == "potentials";
   TORCH_CHECK(method == "log" || method == "kernel", "emulated solve: bad method ", method);
   args.a = a.data_ptr<T>();
   args.b = b.data_ptr<T>();
@@ -63,8 +67,11 @@ sinkhorn_ot_cuda::DeviceInfo fake_device(int64_t sm_count, int64_t smem_optin) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> solve_emu(
     const Tensor& C_in, const Tensor& a_in, const Tensor& b_in, const Tensor& f0_in,
     const Tensor& et_in, int64_t max_iter, std::optional<double> tol, const std::string& method,
-    const std::string& path, int64_t sm_count, int64_t smem_optin) {
+    const std::string& path, int64_t sm_count, int64_t smem_optin,
+    const std::optional<Tensor>& rho_in, const std::string& stop) {
   TORCH_CHECK(C_in.device().is_cpu() && C_in.dim() == 3);
+  const std::optional<Tensor> rho =
+      rho_in.has_value() ? std::optional<Tensor>(rho_in->contiguous()) : std::nullopt;
   const int64_t B = C_in.size(0), N = C_in.size(1), M = C_in.size(2);
   const Tensor C = C_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const Tensor f0 = f0_in.contiguous(), et = et_in.contiguous();
@@ -73,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_emu(
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_ot_emu", [&] {
     using T = scalar_t;
     sinkhorn_ot_cuda::SolveArgs<T> args;
-    fill_loop<T>(args, a, b, f0, et, max_iter, tol, method, o);
+    fill_loop<T>(args, a, b, f0, et, max_iter, tol, method, o, rho, stop);
     args.C = C.data_ptr<T>();
     bool ok = true;
     const auto chosen = sinkhorn_ot_cuda::choose_path<T>(N, M, dev, path.c_str(), &ok);
@@ -94,8 +101,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_emu(
 std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_emu(
     const Tensor& x_in, const Tensor& y_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& f0_in, const Tensor& et_in, int64_t max_iter, std::optional<double> tol,
-    const std::string& method, const std::string& cost, double cost_scale, int64_t sm_count) {
+    const std::string& method, const std::string& cost, double cost_scale, int64_t sm_count,
+    const std::optional<Tensor>& rho_in, const std::string& stop) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 3 && y_in.dim() == 3);
+  const std::optional<Tensor> rho =
+      rho_in.has_value() ? std::optional<Tensor>(rho_in->contiguous()) : std::nullopt;
   const int64_t B = x_in.size(0), N = x_in.size(1), M = y_in.size(1);
   const Tensor x = x_in.contiguous(), y = y_in.contiguous(), a = a_in.contiguous();
   const Tensor b = b_in.contiguous(), f0 = f0_in.contiguous(), et = et_in.contiguous();
@@ -112,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_emu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_emu_points", [&] {
     using T = scalar_t;
     sinkhorn_ot_cuda::PointArgs<T> args;
-    fill_loop<T>(args, a, b, f0, et, max_iter, tol, method, o);
+    fill_loop<T>(args, a, b, f0, et, max_iter, tol, method, o, rho, stop);
     args.x = x.data_ptr<T>();
     args.y = y.data_ptr<T>();
     args.D = x.size(2);
@@ -138,11 +148,13 @@ std::string chosen_path(int64_t N, int64_t M, int64_t itemsize, int64_t sm_count
 
 TORCH_LIBRARY(sinkhorn_ot_emu, m) {
   m.def("solve(Tensor C, Tensor a, Tensor b, Tensor f0, Tensor eps_table, int max_iter, "
-        "float? tol, str method, str path, int sm_count, int smem_optin) "
+        "float? tol, str method, str path, int sm_count, int smem_optin, Tensor? rho=None, "
+        "str stop=\"marginals\") "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         &solve_emu);
   m.def("solve_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor f0, Tensor eps_table, "
-        "int max_iter, float? tol, str method, str cost, float cost_scale, int sm_count) "
+        "int max_iter, float? tol, str method, str cost, float cost_scale, int sm_count, "
+        "Tensor? rho=None, str stop=\"marginals\") "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         &solve_points_emu);
   m.def("chosen_path(int N, int M, int itemsize, int sm_count, int smem_optin) -> str",

@@ -21,7 +21,7 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // `t` has shape `shape` and the dtype and device of `ref` (named `ref_name`).
 inline void check_input(const char* op, const at::Tensor& t, const char* name,
-                        at::IntArrayRef shape, const at::Tensor& ref, const char* ref_name) {
+                   at::IntArrayRef shape, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.sizes() == shape, op, ": `", name, "` must have shape ", shape, ", got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` must have the dtype of `",
@@ -41,10 +41,12 @@ inline void check_leading(const char* op, const at::Tensor& ref, const char* nam
 // Checks a (B, N), b (B, M), f0 (B, N), eps_table (B, S) against `ref` and the scalar
 // arguments; returns the loop settings.
 inline LoopSettings check_common(const char* op, const at::Tensor& ref, const char* ref_name,
-                                 int64_t batch, int64_t n, int64_t m, const at::Tensor& a,
-                                 const at::Tensor& b, const at::Tensor& f0,
-                                 const at::Tensor& eps_table, int64_t max_iter,
-                                 std::optional<double> tol, std::string_view method) {
+                            int64_t batch, int64_t n, int64_t m, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& f0,
+                            const at::Tensor& eps_table, int64_t max_iter,
+                            std::optional<double> tol, std::string_view method,
+                            const std::optional<at::Tensor>& rho = std::nullopt,
+                            std::string_view stop = "marginals") {
   check_input(op, a, "a", {batch, n}, ref, ref_name);
   check_input(op, b, "b", {batch, m}, ref, ref_name);
   check_input(op, f0, "f0", {batch, n}, ref, ref_name);
@@ -56,7 +58,11 @@ inline LoopSettings check_common(const char* op, const at::Tensor& ref, const ch
               ": `method` must be \"log\" or \"kernel\", got \"", method, "\"");
   TORCH_CHECK(max_iter >= 0, op, ": `max_iter` must be >= 0, got ", max_iter);
   TORCH_CHECK(!tol.has_value() || !std::isnan(*tol), op, ": `tol` must not be NaN");
+  if (rho.has_value()) check_input(op, *rho, "rho", {batch, 2}, ref, ref_name);
+  TORCH_CHECK(stop == "marginals" || stop == "potentials", op,
+              ": `stop` must be \"marginals\" or \"potentials\", got \"", stop, "\"");
   LoopSettings settings;
+  settings.stop_potentials = stop == "potentials";
   settings.max_iter = max_iter;
   settings.has_tol = tol.has_value();
   settings.tol = tol.value_or(0.0);
@@ -70,22 +76,28 @@ inline Outputs empty_outputs(const at::Tensor& ref, int64_t batch, int64_t n, in
           at::empty({batch}, ref.options().dtype(at::kDouble))};
 }
 
-// The Problem of batch entry k; C = nullptr for point clouds. All tensors contiguous.
+// The Problem of batch entry k; C = nullptr for point clouds. All tensors contiguous;
+// rho (B, 2) = (rho_a, rho_b) per problem, or undefined (balanced).
 template <typename T>
 inline Problem<T> problem_at(int64_t k, const T* C, const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& f0, const at::Tensor& eps_table, at::Tensor& f,
-                             at::Tensor& g) {
+                        const at::Tensor& f0, const at::Tensor& eps_table, at::Tensor& f,
+                        at::Tensor& g, const at::Tensor& rho = at::Tensor()) {
   const int64_t n = a.size(1), m = b.size(1), S = eps_table.size(1);
-  return Problem<T>{C == nullptr ? nullptr : C + k * n * m,
-                    a.const_data_ptr<T>() + k * n,
-                    b.const_data_ptr<T>() + k * m,
-                    f0.const_data_ptr<T>() + k * n,
-                    n,
-                    m,
-                    eps_table.const_data_ptr<T>() + k * S,
-                    S,
-                    f.mutable_data_ptr<T>() + k * n,
-                    g.mutable_data_ptr<T>() + k * m};
+  Problem<T> p{C == nullptr ? nullptr : C + k * n * m,
+               a.const_data_ptr<T>() + k * n,
+               b.const_data_ptr<T>() + k * m,
+               f0.const_data_ptr<T>() + k * n,
+               n,
+               m,
+               eps_table.const_data_ptr<T>() + k * S,
+               S,
+               f.mutable_data_ptr<T>() + k * n,
+               g.mutable_data_ptr<T>() + k * m};
+  if (rho.defined()) {
+    p.rho_a = rho.const_data_ptr<T>()[2 * k];
+    p.rho_b = rho.const_data_ptr<T>()[2 * k + 1];
+  }
+  return p;
 }
 
 }  // namespace sinkhorn_ot::cpu

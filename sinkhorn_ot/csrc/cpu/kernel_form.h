@@ -43,13 +43,14 @@ inline void scalings(const T* log_w, const T* p, int64_t m, T eps, T* out) {
   for (; j < m; ++j) out[j] = std::exp(log_w[j] + p[j] / eps);
 }
 
-// out[i] = -eps * log(out[i]) for i in [i0, i1), the same vector log on every entry (so
-// an entry's result does not depend on how a range was split over threads).
+// out[i] = -tau eps * log(out[i]) for i in [i0, i1), damped by tau (loop_rules.h; 1 for a
+// hard marginal), the same vector log on every entry (so an entry's result does not
+// depend on how a range was split over threads).
 template <typename T>
-inline void finish_neg_log(T* out, int64_t i0, int64_t i1, T eps) {
+inline void finish_neg_log(T* out, int64_t i0, int64_t i1, T eps, T tau = T(1)) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec neg_eps(-eps);
+  const Vec neg_eps(-eps * tau);
   int64_t i = i0;
   for (; i + W <= i1; i += W) (neg_eps * Vec::loadu(out + i).log()).store(out + i);
   if (i < i1) {
@@ -82,9 +83,9 @@ inline T kernel_dot(const T* k, const T* v, int64_t m) {
 // out[i] = -eps * log sum_{j < m} K[i * ldk + j] v_j for rows i in [i0, i1).
 template <typename T>
 inline void kernel_rows(const T* K, int64_t ldk, const T* v, int64_t m, int64_t i0, int64_t i1,
-                        T eps, T* out) {
+                        T eps, T* out, T tau = T(1)) {
   for (int64_t i = i0; i < i1; ++i) out[i] = kernel_dot(K + i * ldk, v, m);
-  finish_neg_log(out, i0, i1, eps);
+  finish_neg_log(out, i0, i1, eps, tau);
 }
 
 // out[j] = -eps * log sum_{i < n} u_i K[i * ldk + j] for j in [j0, j1). The rows are
@@ -92,7 +93,7 @@ inline void kernel_rows(const T* K, int64_t ldk, const T* v, int64_t m, int64_t 
 // [j0, j1) is touched).
 template <typename T>
 inline void kernel_cols(const T* K, int64_t ldk, const T* u, int64_t n, int64_t j0, int64_t j1,
-                        T eps, T* out, T* acc) {
+                        T eps, T* out, T* acc, T tau = T(1)) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const int64_t width = j1 - j0;
@@ -126,7 +127,7 @@ inline void kernel_cols(const T* K, int64_t ldk, const T* u, int64_t n, int64_t 
     for (int64_t j = j0; j < j1; ++j) acc[j] = T(0);
   }
   for (int64_t j = j0; j < j1; ++j) out[j] = acc[j];
-  finish_neg_log(out, j0, j1, eps);
+  finish_neg_log(out, j0, j1, eps, tau);
 }
 
 }  // namespace sinkhorn_ot::cpu

@@ -28,14 +28,18 @@
 
 namespace sinkhorn_ot::cpu {
 
-// The relative L1 marginal violation of (f, col(f)), from f and f_next = row(col(f)):
-// the terms of rules::violation_term summed in float64, over the rows i < n.
+// The stopping measure of (f, col(f)) from f and f_next = row(col(f)), over the rows
+// i < n: the relative L1 marginal violation (rules::violation_term summed in float64) or,
+// for the potentials rule, the largest rules::potential_term.
 template <typename T>
-inline double marginal_violation(const T* f, const T* f_next, const T* a, int64_t n, T eps,
-                                 double mass) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += rules::violation_term(a[i], f[i], f_next[i], eps);
-  return sum / mass;
+inline double stop_measure(const T* f, const T* f_next, const T* a, int64_t n, T eps,
+                           double mass, bool potentials) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc = rules::stop_combine(potentials, acc,
+                              rules::stop_term(potentials, a[i], f[i], f_next[i], eps));
+  }
+  return rules::stop_value(potentials, acc, mass);
 }
 
 template <typename T, typename Steps>
@@ -43,6 +47,7 @@ Outcome sinkhorn_loop(const Problem<T>& p, const LoopSettings& s, Steps& steps, 
                       int64_t m_eff, Workspace<T>& ws) {
   double mass = 0.0;
   for (int64_t i = 0; i < p.n; ++i) mass += static_cast<double>(p.a[i]);
+  const bool potentials = rules::uses_potentials(s.stop_potentials, p.rho_a, p.rho_b);
 
   std::copy(p.f0, p.f0 + p.n, p.f);
   T* f = p.f;
@@ -62,7 +67,7 @@ Outcome sinkhorn_loop(const Problem<T>& p, const LoopSettings& s, Steps& steps, 
     }
     steps.row(g, f_next, 0, n_eff);
     if (s.has_tol || t == s.max_iter) {
-      out.err = marginal_violation(f, f_next, p.a, n_eff, eps_t, mass);
+      out.err = stop_measure(f, f_next, p.a, n_eff, eps_t, mass, potentials);
       // A non-finite err also stops; the caller reports it, as the torch loop raises.
       if (rules::should_stop(out.err, s.has_tol, s.tol, t, p.S, s.max_iter)) break;
     }

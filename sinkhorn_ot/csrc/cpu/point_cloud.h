@@ -332,6 +332,13 @@ struct PointStepsBase {
   const For& par;
   Geometry<T> geo;
   T eps = T(0);
+  T tau_a = T(1), tau_b = T(1);  // damping of the row / column soft-mins (loop_rules.h)
+
+  void set_eps(T e) {
+    eps = e;
+    tau_a = rules::damping(p.rho_a, e);
+    tau_b = rules::damping(p.rho_b, e);
+  }
 
   // Output points per parallel chunk when each sums over `others` points.
   int64_t grain(int64_t others) const {
@@ -346,18 +353,18 @@ struct PointLogSteps : PointStepsBase<T, For> {
   T scale = T(0);
 
   void prepare(T e) {
-    this->eps = e;
+    this->set_eps(e);
     scale = ExpTerm<T>::kScale / e;
   }
   // f[i] = row(g)_i for i in [i0, i1).
   void row(const T* g, T* f, int64_t i0, int64_t i1) {
     half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f,
-         this->ws.row_top.data(), i0, i1);
+         this->ws.row_top.data(), i0, i1, this->tau_a);
   }
   // g[j] = col(f)_j for j in [j0, j1).
   void col(const T* f, T* g, int64_t j0, int64_t j1) {
     half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g,
-         this->ws.col_max.data(), j0, j1);
+         this->ws.col_max.data(), j0, j1, this->tau_b);
   }
   void pad_rows(const T* g, T* f, T e) {
     prepare(e);
@@ -372,7 +379,7 @@ struct PointLogSteps : PointStepsBase<T, For> {
   // out[r] = -eps log sum_{q < nq} exp((pot_q + eps log_w_q - C(r, q)) / eps) for the
   // points r in [r0, r1) of `mine`, summing over the first nq points of `other`.
   void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
-            int64_t nq, T* out, T* top, int64_t r0, int64_t r1) {
+            int64_t nq, T* out, T* top, int64_t r0, int64_t r1, T tau) {
     if (nq <= 0) {
       for (int64_t r = r0; r < r1; ++r) out[r] = std::numeric_limits<T>::infinity();
       return;
@@ -392,7 +399,7 @@ struct PointLogSteps : PointStepsBase<T, For> {
         point_lse_parts<Cost, R>(mine.rows + r * d, mine.sq + r, other, d, h, nq, cs, s, top + r,
                                  out + r);
       });
-      finish_softmin(top, out, a0, a1, e);
+      finish_softmin(top, out, a0, a1, e, tau);
     });
   }
 };
@@ -400,14 +407,16 @@ struct PointLogSteps : PointStepsBase<T, For> {
 // Kernel-form half-steps on point clouds: exp(-C / eps) on the fly, no max shift.
 template <typename T, typename For, typename Cost>
 struct PointKernelSteps : PointStepsBase<T, For> {
-  void prepare(T e) { this->eps = e; }
+  void prepare(T e) { this->set_eps(e); }
   // f[i] = row(g)_i for i in [i0, i1).
   void row(const T* g, T* f, int64_t i0, int64_t i1) {
-    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f, i0, i1);
+    half(this->geo.x, this->geo.y, this->ws.log_b.data(), g, this->m_eff, f, i0, i1,
+         this->tau_a);
   }
   // g[j] = col(f)_j for j in [j0, j1).
   void col(const T* f, T* g, int64_t j0, int64_t j1) {
-    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g, j0, j1);
+    half(this->geo.y, this->geo.x, this->ws.log_a.data(), f, this->n_eff, g, j0, j1,
+         this->tau_b);
   }
   void pad_rows(const T* g, T* f, T e) {
     prepare(e);
@@ -422,7 +431,7 @@ struct PointKernelSteps : PointStepsBase<T, For> {
   // out[r] = -eps log sum_{q < nq} exp(-C(r, q) / eps) w_q exp(pot_q / eps) for the
   // points r in [r0, r1) of `mine`.
   void half(const Cloud<T>& mine, const Cloud<T>& other, const T* log_w, const T* pot,
-            int64_t nq, T* out, int64_t r0, int64_t r1) {
+            int64_t nq, T* out, int64_t r0, int64_t r1, T tau) {
     T* v = this->ws.scal.data();  // padded_size(nq) entries: see solve_points_problem
     scalings(log_w, pot, nq, this->eps, v);
     std::fill(v + nq, v + padded_size<T>(nq), T(0));
@@ -434,7 +443,7 @@ struct PointKernelSteps : PointStepsBase<T, For> {
         point_kernel_dot<Cost, R>(mine.rows + r * d, mine.sq + r, other, d, v, nq, cs, e,
                                   out + r);
       });
-      finish_neg_log(out, a0, a1, e);
+      finish_neg_log(out, a0, a1, e, tau);
     });
   }
 };

@@ -18,6 +18,7 @@ struct LoopSettings {
   bool has_tol = false;  // false: no tolerance, run exactly max_iter iterations
   double tol = 0.0;
   Method method = Method::kLog;
+  bool stop_potentials = false;  // balanced problems too stop on the potentials rule
 };
 
 // One problem: inputs (C is (n, m) row-major; nullptr for point clouds, whose Steps
@@ -33,6 +34,9 @@ struct Problem {
   int64_t S;
   T* f;  // (n,) output
   T* g;  // (m,) output
+  // Relaxation of the row / column marginal (loop_rules.h); infinity = hard constraint.
+  T rho_a = std::numeric_limits<T>::infinity();
+  T rho_b = std::numeric_limits<T>::infinity();
 };
 
 struct Outcome {

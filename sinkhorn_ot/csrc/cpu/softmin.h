@@ -93,15 +93,18 @@ inline void row_lse_parts(const T* c, const T* h, int64_t m, T scale, T& top, T&
   total = reduce_sum(lanes.sum * ExpTerm<T>::apply((lanes.max - Vec(top)) * vscale));
 }
 
-// out[i] = -(top[i] + eps * log(out[i])) for i in [i0, i1): the softmin from the parts
-// of its log-sum-exp, with the same vector log on every entry (so the result of an
-// entry does not depend on how a range was split over threads).
+// out[i] = -tau (top[i] + eps * log(out[i])) for i in [i0, i1): the softmin from the
+// parts of its log-sum-exp, damped by tau (loop_rules.h: 1 for a hard marginal, exact),
+// with the same vector log on every entry (so the result of an entry does not depend on
+// how a range was split over threads).
 template <typename T>
-inline void finish_softmin(const T* top, T* out, int64_t i0, int64_t i1, T eps) {
+inline void finish_softmin(const T* top, T* out, int64_t i0, int64_t i1, T eps, T tau = T(1)) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec veps(eps);
-  auto softmin = [&](const Vec& t, const Vec& s) { return Vec(T(0)) - (t + veps * s.log()); };
+  const Vec veps(eps), vtau(tau);
+  auto softmin = [&](const Vec& t, const Vec& s) {
+    return (Vec(T(0)) - (t + veps * s.log())) * vtau;
+  };
   int64_t i = i0;
   for (; i + W <= i1; i += W) softmin(Vec::loadu(top + i), Vec::loadu(out + i)).store(out + i);
   if (i < i1) {
@@ -114,13 +117,13 @@ inline void finish_softmin(const T* top, T* out, int64_t i0, int64_t i1, T eps) 
 // C_ij = C[i * ldc + j]. `top`: scratch indexed by i.
 template <typename T>
 inline void softmin_rows(const T* C, int64_t ldc, const T* h, int64_t m, int64_t i0, int64_t i1,
-                         T eps, T scale, T* out, T* top) {
+                         T eps, T scale, T* out, T* top, T tau = T(1)) {
   if (m <= 0) {
     for (int64_t i = i0; i < i1; ++i) out[i] = std::numeric_limits<T>::infinity();
     return;
   }
   for (int64_t i = i0; i < i1; ++i) row_lse_parts(C + i * ldc, h, m, scale, top[i], out[i]);
-  finish_softmin(top, out, i0, i1, eps);
+  finish_softmin(top, out, i0, i1, eps, tau);
 }
 
 // One tile of R rows of the column log-sum-exp on the lanes of one vector (kTail: only
@@ -163,7 +166,7 @@ inline void softmin_cols_step(const T* c, int64_t ldc, const Vectorized<T>* k,
 // sum live in col_max / col_sum (scratch indexed by j; only [j0, j1) is touched).
 template <typename T>
 inline void softmin_cols(const T* C, int64_t ldc, const T* k, int64_t n, int64_t j0, int64_t j1,
-                         T eps, T scale, T* out, T* col_max, T* col_sum) {
+                         T eps, T scale, T* out, T* col_max, T* col_sum, T tau = T(1)) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   if (n <= 0) {
@@ -191,7 +194,7 @@ inline void softmin_cols(const T* C, int64_t ldc, const T* k, int64_t n, int64_t
   for (; i + 4 <= n; i += 4) sweep(std::integral_constant<int, 4>{}, i);
   for (; i < n; ++i) sweep(std::integral_constant<int, 1>{}, i);
   for (int64_t j = j0; j < j1; ++j) out[j] = col_sum[j];
-  finish_softmin(col_max, out, j0, j1, eps);
+  finish_softmin(col_max, out, j0, j1, eps, tau);
 }
 
 }  // namespace sinkhorn_ot::cpu

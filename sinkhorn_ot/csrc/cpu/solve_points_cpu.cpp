@@ -27,7 +27,8 @@ CostKind cost_kind(std::string_view cost) {
 Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
                          const at::Tensor& b, const at::Tensor& f0, const at::Tensor& eps_table,
                          int64_t max_iter, std::optional<double> tol, std::string_view method,
-                         std::string_view cost, double cost_scale) {
+                         std::string_view cost, double cost_scale,
+                         const std::optional<at::Tensor>& rho, std::string_view stop) {
   TORCH_CHECK(x.dim() == 3, kOp, ": `x` must have shape (B, N, D), got ", x.sizes());
   check_leading(kOp, x, "x");
   const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);
@@ -36,12 +37,13 @@ Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Ten
   const int64_t m = y.size(1);
   check_input(kOp, y, "y", y.sizes(), x, "x");
   const LoopSettings settings =
-      check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method);
+      check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop);
   const CostKind kind = cost_kind(cost);
   TORCH_CHECK(std::isfinite(cost_scale), kOp, ": `cost_scale` must be finite, got ", cost_scale);
 
   const auto xc = x.contiguous(), yc = y.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   const auto f0c = f0.contiguous(), epsc = eps_table.contiguous();
+  const at::Tensor rhoc = rho.has_value() ? rho->contiguous() : at::Tensor();
   Outputs out = empty_outputs(x, batch, n, m);
   at::Tensor &f = std::get<0>(out), &g = std::get<1>(out);
   at::Tensor &n_iter = std::get<2>(out), &err = std::get<3>(out);
@@ -53,7 +55,7 @@ Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Ten
     run_batch<T>(batch, n * m * (1 + d / 8), n_iter.mutable_data_ptr<int64_t>(),
                  err.mutable_data_ptr<double>(), [&](int64_t k, Workspace<T>& ws, auto par) {
                    return solve_points_problem(
-                       problem_at<T>(k, nullptr, ac, bc, f0c, epsc, f, g), xs + k * n * d,
+                       problem_at<T>(k, nullptr, ac, bc, f0c, epsc, f, g, rhoc), xs + k * n * d,
                        ys + k * m * d, d, kind, scale, settings, ws, par);
                  });
   });

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../loop_rules.h"
 #include "kernel_form.h"
 #include "problem.h"
 #include "softmin.h"
@@ -33,6 +34,13 @@ struct StepsBase {
   Workspace<T>& ws;
   const For& par;
   T eps = T(0);
+  T tau_a = T(1), tau_b = T(1);  // damping of the row / column soft-mins (loop_rules.h)
+
+  // The damping of both sides at eps e (1 for a hard marginal).
+  void set_damping(T e) {
+    tau_a = rules::damping(p.rho_a, e);
+    tau_b = rules::damping(p.rho_b, e);
+  }
 
   int64_t row_grain(int64_t cols) const {
     return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
@@ -57,6 +65,7 @@ struct LogSteps : StepsBase<T, For> {
 
   void prepare(T e) {
     this->eps = e;
+    this->set_damping(e);
     scale = ExpTerm<T>::kScale / e;
   }
 
@@ -68,9 +77,9 @@ struct LogSteps : StepsBase<T, For> {
     const T* log_b = this->ws.log_b.data();
     for (int64_t j = 0; j < m_eff; ++j) h[j] = g[j] + this->eps * log_b[j];
     T* top = this->ws.row_top.data();
-    const T e = this->eps, s = scale;
+    const T e = this->eps, s = scale, tau = this->tau_a;
     this->par(i0, i1, this->row_grain(m_eff), [&](int64_t r0, int64_t r1) {
-      softmin_rows(p.C, p.m, h, m_eff, r0, r1, e, s, f, top);
+      softmin_rows(p.C, p.m, h, m_eff, r0, r1, e, s, f, top, tau);
     });
   }
 
@@ -83,9 +92,9 @@ struct LogSteps : StepsBase<T, For> {
     for (int64_t i = 0; i < n_eff; ++i) k[i] = f[i] + this->eps * log_a[i];
     T* col_max = this->ws.col_max.data();
     T* col_sum = this->ws.col_sum.data();
-    const T e = this->eps, s = scale;
+    const T e = this->eps, s = scale, tau = this->tau_b;
     this->for_columns(j0, j1, n_eff, [&](int64_t c0, int64_t c1) {
-      softmin_cols(p.C, p.m, k, n_eff, c0, c1, e, s, g, col_max, col_sum);
+      softmin_cols(p.C, p.m, k, n_eff, c0, c1, e, s, g, col_max, col_sum, tau);
     });
   }
 
@@ -108,6 +117,7 @@ struct KernelSteps : StepsBase<T, For> {
   void prepare(T e) {
     if (built && e == this->eps) return;
     this->eps = e;
+    this->set_damping(e);
     built = true;
     const auto& p = this->p;
     const int64_t m_eff = this->m_eff;
@@ -136,8 +146,10 @@ struct KernelSteps : StepsBase<T, For> {
     fill_kernel(p.C + n_eff * p.m, p.m, rows, m_eff, e, block, m_eff);
     const T saved = this->eps;
     this->eps = e;
+    this->set_damping(e);
     rows_of(block, g, f, n_eff, p.n, n_eff);
     this->eps = saved;
+    this->set_damping(saved);
   }
   void pad_cols(const T* f, T* g, T e) {
     const auto& p = this->p;
@@ -146,8 +158,10 @@ struct KernelSteps : StepsBase<T, For> {
     fill_kernel(p.C + m_eff, p.m, n_eff, cols, e, block, cols);
     const T saved = this->eps;
     this->eps = e;
+    this->set_damping(e);
     cols_of(block, cols, f, g, m_eff, p.m, m_eff);
     this->eps = saved;
+    this->set_damping(saved);
   }
 
  private:
@@ -156,9 +170,9 @@ struct KernelSteps : StepsBase<T, For> {
     const int64_t m_eff = this->m_eff;
     T* v = this->ws.scal.data();
     scalings(this->ws.log_b.data(), g, m_eff, this->eps, v);
-    const T e = this->eps;
+    const T e = this->eps, tau = this->tau_a;
     this->par(i0, i1, this->row_grain(m_eff), [&](int64_t r0, int64_t r1) {
-      kernel_rows(K, m_eff, v, m_eff, r0 - first, r1 - first, e, f + first);
+      kernel_rows(K, m_eff, v, m_eff, r0 - first, r1 - first, e, f + first, tau);
     });
   }
   // Columns [j0, j1) of g from a kernel block with leading dimension ldk whose first
@@ -168,9 +182,9 @@ struct KernelSteps : StepsBase<T, For> {
     T* u = this->ws.scal.data();
     scalings(this->ws.log_a.data(), f, n_eff, this->eps, u);
     T* acc = this->ws.col_sum.data();
-    const T e = this->eps;
+    const T e = this->eps, tau = this->tau_b;
     this->for_columns(j0, j1, n_eff, [&](int64_t c0, int64_t c1) {
-      kernel_cols(K, ldk, u, n_eff, c0 - first, c1 - first, e, g + first, acc + first);
+      kernel_cols(K, ldk, u, n_eff, c0 - first, c1 - first, e, g + first, acc + first, tau);
     });
   }
 };

@@ -129,12 +129,13 @@ struct Lse {
     s = s * Math<T>::exp2_lse(m - mn) + s2 * Math<T>::exp2_lse(m2 - mn);
     m = mn;
   }
-  // -eps * log(sum), the new potential. Log form: log(sum) = (m + log2 s) ln 2; an empty
-  // sum gives m = -inf, s = 0 and +inf, as torch.logsumexp does.
+  // -tau eps * log(sum), the new potential, damped by tau (rules::damping: 1 for a hard
+  // marginal). Log form: log(sum) = (m + log2 s) ln 2; an empty sum gives m = -inf, s = 0
+  // and +inf, as torch.logsumexp does.
   template <bool KM>
-  __device__ __forceinline__ T finish(T eps) const {
-    if (KM) return -eps * Math<T>::log(s);
-    return -eps * static_cast<T>(kLn2) * (m + Math<T>::log2(s));
+  __device__ __forceinline__ T finish(T eps, T tau = T(1)) const {
+    if (KM) return -eps * Math<T>::log(s) * tau;
+    return -eps * static_cast<T>(kLn2) * (m + Math<T>::log2(s)) * tau;
   }
 };
 
@@ -159,16 +160,43 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+// Warp-wide reduction of stopping-measure terms (rules::stop_combine: a sum, or for the
+// potentials rule a maximum that keeps a NaN); every lane ends with the total.
+__device__ __forceinline__ double warp_stop_reduce(double v, bool potentials) {
+  if (!potentials) return warp_sum(v);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v = rules::stop_combine(true, v, __shfl_xor_sync(0xffffffffu, v, off));
+  }
+  return v;
+}
+
 // Sum over a block of kBlock threads (a multiple of 32); every thread gets the total.
-// `red` is shared scratch of kBlock / 32 doubles.
+// `red` is shared scratch of kBlock / 32 doubles. potentials: the maximum instead
+// (rules::stop_combine), for the potentials stopping rule.
 template <int kBlock>
-__device__ __forceinline__ double block_sum(double v, double* red) {
-  v = warp_sum(v);
+__device__ __forceinline__ double block_sum(double v, double* red, bool potentials = false) {
+  v = warp_stop_reduce(v, potentials);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
   double total = 0.0;
-  for (int w = 0; w < kBlock / 32; ++w) total += red[w];
+  for (int w = 0; w < kBlock / 32; ++w) total = rules::stop_combine(potentials, total, red[w]);
   return total;
+}
+
+// The damping rho / (rho + eps) of side `side` (0: rows, 1: columns) of problem b, from
+// rho (B, 2) or nullptr (balanced: 1).
+template <typename T>
+__device__ __forceinline__ T side_damping(const T* rho, int64_t b, int side, T eps) {
+  return rho == nullptr ? T(1) : rules::damping(rho[2 * b + side], eps);
+}
+
+// Whether problem b stops on its potentials (rules::uses_potentials).
+template <typename T>
+__device__ __forceinline__ bool problem_uses_potentials(const T* rho, int64_t b,
+                                                        bool stop_potentials) {
+  if (rho == nullptr) return stop_potentials;
+  return rules::uses_potentials(stop_potentials, rho[2 * b], rho[2 * b + 1]);
 }
 
 // The stopping test of problem b by one block of kBlock threads, between its row pass
@@ -176,20 +204,22 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
 // point clouds): the violation and the decision of rules::, err recorded, the active
 // flag cleared for a problem that stops before max_iter. Returns, in every thread,
 // whether the problem stops. `p` has a, f, fn, N, mass, err, active, eps, t, max_iter,
-// has_tol, tol; `stop` is shared scratch.
+// has_tol, tol, rho, stop_potentials; `stop` is shared scratch.
 template <int kBlock, typename T, typename Args>
 __device__ __forceinline__ bool block_stop_test(const Args& p, int64_t b, T e, double* red,
                                                 int* stop) {
   const T* a = p.a + b * p.N;
   const T* f = p.f + b * p.N;
   const T* fn = p.fn + b * p.N;
+  const bool potentials = problem_uses_potentials(p.rho, b, p.stop_potentials);
   double part = 0.0;
   for (int64_t i = threadIdx.x; i < p.N; i += kBlock) {
-    part += rules::violation_term(a[i], f[i], fn[i], e);
+    part = rules::stop_combine(potentials, part,
+                               rules::stop_term(potentials, a[i], f[i], fn[i], e));
   }
-  const double total = block_sum<kBlock>(part, red);
+  const double total = block_sum<kBlock>(part, red, potentials);
   if (threadIdx.x == 0) {
-    const double viol = total / p.mass[b];
+    const double viol = rules::stop_value(potentials, total, p.mass[b]);
     p.err[b] = viol;
     // Non-finite: stop (the torch loop raises; the wrapper raises on this err).
     const bool stops = rules::should_stop(viol, p.has_tol, p.tol, p.t, p.eps.S, p.max_iter);

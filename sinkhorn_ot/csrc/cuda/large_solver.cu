@@ -91,7 +91,7 @@ template <typename T, int VEC, bool KM>
 __global__ void __launch_bounds__(kThreads, row_min_blocks<T>())
     row_kernel(const T* __restrict__ C, const T* __restrict__ hg, const EpsTable<T> eps,
                const uint8_t* __restrict__ active, T* __restrict__ out, int64_t B, int64_t N,
-               int64_t M, int64_t t) {
+               int64_t M, int64_t t, const T* __restrict__ rho) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (row >= B * N) return;
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, row_min_blocks<T>())
     }
   }
   warp_merge<T, KM>(acc);
-  if (lane == 0) out[row] = acc.template finish<KM>(e);
+  if (lane == 0) out[row] = acc.template finish<KM>(e, side_damping(rho, b, 0, e));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -156,12 +156,13 @@ struct ColArgs {
   int64_t B, N, M;
   int64_t nchunks, rows_per_chunk, ntiles;
   int64_t t, t_next;  // eps_t for this pass, eps_{t_next} for h_b (the next row pass)
+  const T* rho;       // (B, 2) or nullptr: unbalanced problems (../loop_rules.h)
 };
 
 template <typename T, bool KM>
 __device__ __forceinline__ void write_column(const ColArgs<T>& p, int64_t b, int64_t j,
                                              const Lse<T>& acc, T e) {
-  const T gj = acc.template finish<KM>(e);
+  const T gj = acc.template finish<KM>(e, side_damping(p.rho, b, 1, e));
   p.g[b * p.M + j] = gj;
   const T e_next = p.eps.at(b, p.t_next);
   const T k_next = static_cast<T>(kLog2e) / e_next;
@@ -318,6 +319,8 @@ struct FinArgs {
   int64_t t, max_iter;
   double tol;
   bool has_tol, check;
+  const T* rho;  // (B, 2) or nullptr: unbalanced problems
+  bool stop_potentials;
 };
 
 // f = f0, h_a for the first column pass, mass, flags.
@@ -457,6 +460,8 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   fin.max_iter = a.max_iter;
   fin.tol = a.tol;
   fin.has_tol = use_tol;
+  fin.rho = a.rho;
+  fin.stop_potentials = a.stop_potentials;
 
   ColArgs<T> col{};
   col.C = a.C;
@@ -475,6 +480,7 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
   col.nchunks = pl.nchunks;
   col.rows_per_chunk = pl.rows_per_chunk;
   col.ntiles = pl.ntiles;
+  col.rho = a.rho;
   const int64_t col_blocks = a.B * pl.ntiles * pl.nchunks;
   const int64_t row_blocks = (a.B * a.N + kColWarps - 1) / kColWarps;
 
@@ -494,7 +500,7 @@ cudaError_t run_large(const SolveArgs<T>& a, const DeviceInfo& dev, void* worksp
 
   for (int64_t t = 0;; ++t) {
     row_kernel<T, VEC, KM><<<static_cast<unsigned>(row_blocks), kThreads, 0, stream>>>(
-        a.C, hg, eps, active, fn, a.B, a.N, a.M, t);
+        a.C, hg, eps, active, fn, a.B, a.N, a.M, t, a.rho);
     SK_TRY(cudaGetLastError());
     const bool last = t == a.max_iter;
     fin.t = t;

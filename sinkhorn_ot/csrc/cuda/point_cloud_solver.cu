@@ -63,6 +63,8 @@ struct PassArgs {
   int64_t otiles, nchunks, tiles_per_chunk;
   int64_t t;
   T cost_scale;
+  const T* rho;  // (B, 2) or nullptr: unbalanced problems (../loop_rules.h)
+  int side;      // the damped side of this pass: 0 rows (outer x), 1 columns (outer y)
 };
 
 // Stage DC dimensions (from d0) of `count` points (from p0) into s[dd][.] (stride kTO + 1),
@@ -202,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs<T> p) {
       const int64_t o = o0 + ty + kTY * r;
       if (o >= p.NO) continue;
       if (p.nchunks == 1) {
-        p.out[b * p.NO + o] = acc[r].template finish<KM>(e);
+        p.out[b * p.NO + o] = acc[r].template finish<KM>(e, side_damping(p.rho, b, p.side, e));
       } else {
         const int64_t w = (b * p.nchunks + chunk) * p.NO + o;
         p.pm[w] = acc[r].m;
@@ -229,7 +231,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs<T> p) 
       acc.merge(p.pm[w], p.ps[w]);
     }
   }
-  p.out[idx] = acc.template finish<KM>(p.eps.at(b, p.t));
+  const T e = p.eps.at(b, p.t);
+  p.out[idx] = acc.template finish<KM>(e, side_damping(p.rho, b, p.side, e));
 }
 
 // max(|x_i|, 1e-8) of every point of x (B * N) then y (B * M).
@@ -267,6 +270,8 @@ struct FinArgs {
   int64_t t, max_iter;
   double tol;
   bool has_tol, check;
+  const T* rho;  // (B, 2) or nullptr: unbalanced problems
+  bool stop_potentials;
 };
 
 template <typename T>
@@ -421,6 +426,8 @@ cudaError_t run_points(const PointArgs<T>& a, const DeviceInfo& dev, void* works
   fin.max_iter = a.max_iter;
   fin.tol = a.tol;
   fin.has_tol = a.has_tol;
+  fin.rho = a.rho;
+  fin.stop_potentials = a.stop_potentials;
 
   // Row pass: outer x, inner y (h from g, b); column pass: outer y, inner x (h from f, a).
   PassArgs<T> row{};
@@ -443,7 +450,10 @@ cudaError_t run_points(const PointArgs<T>& a, const DeviceInfo& dev, void* works
   row.nchunks = pl.row.nchunks;
   row.tiles_per_chunk = pl.row.tiles_per_chunk;
   row.cost_scale = a.cost_scale;
+  row.rho = a.rho;
+  row.side = 0;
   PassArgs<T> col = row;
+  col.side = 1;
   col.P = a.y;
   col.Q = a.x;
   col.pn = ny;

@@ -72,12 +72,15 @@ bool kernel_method(std::string_view method, const char* op) {
 // The loop inputs and outputs shared by both ops; `ref` is C or x (device, dtype).
 struct Loop {
   Tensor a, b, f0, eps_table, f, g, n_iter, err;
+  Tensor rho;  // (B, 2) or undefined: unbalanced problems
+  bool stop_potentials = false;
   int64_t B, N, M, S;
 };
 
 Loop prepare(const char* op, const Tensor& ref, int64_t B, int64_t N, int64_t M,
              const Tensor& a_in, const Tensor& b_in, const Tensor& f0_in,
-             const Tensor& eps_table_in, int64_t max_iter, std::optional<double> tol) {
+             const Tensor& eps_table_in, int64_t max_iter, std::optional<double> tol,
+             const std::optional<Tensor>& rho, std::string_view stop) {
   TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble,
               "sinkhorn_ot.", op, " (CUDA): inputs must be float32 or float64, got ",
               ref.scalar_type());
@@ -92,7 +95,12 @@ Loop prepare(const char* op, const Tensor& ref, int64_t B, int64_t N, int64_t M,
   check_input(b_in, op, "b", ref, {B, M});
   check_input(f0_in, op, "f0", ref, {B, N});
   check_input(eps_table_in, op, "eps_table", ref, {B, eps_table_in.size(1)});
+  if (rho.has_value()) check_input(*rho, op, "rho", ref, {B, 2});
+  TORCH_CHECK(stop == "marginals" || stop == "potentials", "sinkhorn_ot.", op,
+              " (CUDA): stop must be 'marginals' or 'potentials', got '", stop, "'");
   Loop l;
+  if (rho.has_value()) l.rho = rho->contiguous();
+  l.stop_potentials = stop == "potentials";
   l.B = B;
   l.N = N;
   l.M = M;
@@ -112,6 +120,8 @@ Loop prepare(const char* op, const Tensor& ref, int64_t B, int64_t N, int64_t M,
 template <typename T, typename Args>
 void fill_loop(Args& args, const Loop& l, int64_t max_iter, std::optional<double> tol,
                bool km) {
+  args.rho = l.rho.defined() ? l.rho.data_ptr<T>() : nullptr;
+  args.stop_potentials = l.stop_potentials;
   args.a = l.a.data_ptr<T>();
   args.b = l.b.data_ptr<T>();
   args.f0 = l.f0.data_ptr<T>();
@@ -134,14 +144,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(const Tensor& C_in, const 
                                                       const Tensor& b, const Tensor& f0,
                                                       const Tensor& eps_table, int64_t max_iter,
                                                       std::optional<double> tol,
-                                                      c10::string_view method) {
+                                                      c10::string_view method,
+                                                      const std::optional<Tensor>& rho,
+                                                      c10::string_view stop) {
   TORCH_CHECK(C_in.is_cuda(), "sinkhorn_ot.solve (CUDA): C must be a CUDA tensor");
   TORCH_CHECK(C_in.dim() == 3, "sinkhorn_ot.solve (CUDA): C must be (B, N, M), got ",
               C_in.sizes());
   const bool km = kernel_method(std::string_view(method.data(), method.size()), "solve");
   const int64_t B = C_in.size(0), N = C_in.size(1), M = C_in.size(2);
   const c10::cuda::CUDAGuard guard(C_in.device());
-  Loop l = prepare("solve", C_in, B, N, M, a, b, f0, eps_table, max_iter, tol);
+  Loop l = prepare("solve", C_in, B, N, M, a, b, f0, eps_table, max_iter, tol, rho,
+                   std::string_view(stop.data(), stop.size()));
   if (B == 0) return {l.f, l.g, l.n_iter, l.err};
   TORCH_CHECK(N > 0 && M > 0, "sinkhorn_ot.solve (CUDA): empty problems (N = ", N, ", M = ", M,
               ")");
@@ -183,7 +196,8 @@ sinkhorn_ot_cuda::Cost parse_cost(std::string_view cost) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
     const Tensor& x_in, const Tensor& y_in, const Tensor& a, const Tensor& b, const Tensor& f0,
     const Tensor& eps_table, int64_t max_iter, std::optional<double> tol,
-    c10::string_view method, c10::string_view cost, double cost_scale) {
+    c10::string_view method, c10::string_view cost, double cost_scale,
+    const std::optional<Tensor>& rho, c10::string_view stop) {
   TORCH_CHECK(x_in.is_cuda(), "sinkhorn_ot.solve_points (CUDA): x must be a CUDA tensor");
   TORCH_CHECK(x_in.dim() == 3 && y_in.dim() == 3 && x_in.size(0) == y_in.size(0) &&
                   x_in.size(2) == y_in.size(2),
@@ -195,7 +209,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
   const auto c = parse_cost(std::string_view(cost.data(), cost.size()));
   const int64_t B = x_in.size(0), N = x_in.size(1), M = y_in.size(1), D = x_in.size(2);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  Loop l = prepare("solve_points", x_in, B, N, M, a, b, f0, eps_table, max_iter, tol);
+  Loop l = prepare("solve_points", x_in, B, N, M, a, b, f0, eps_table, max_iter, tol, rho,
+                   std::string_view(stop.data(), stop.size()));
   if (B == 0) return {l.f, l.g, l.n_iter, l.err};
   TORCH_CHECK(N > 0 && M > 0 && D > 0, "sinkhorn_ot.solve_points (CUDA): empty problems (N = ",
               N, ", M = ", M, ", D = ", D, ")");

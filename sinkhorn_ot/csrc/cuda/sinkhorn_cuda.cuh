@@ -38,6 +38,10 @@ struct LoopArgs {
   bool has_tol = false;  // false: tol=None, exactly max_iter iterations
   double tol = 0.0;
   bool kernel_method = false;
+  // Unbalanced problems (../loop_rules.h): (rho_a, rho_b) per problem, (B, 2), inf for a
+  // hard marginal; nullptr when every problem is balanced.
+  const T* rho = nullptr;
+  bool stop_potentials = false;  // balanced problems stop on the potentials rule too
   // Outputs.
   T* f = nullptr;             // (B, N)
   T* g = nullptr;             // (B, M)

@@ -50,6 +50,8 @@ struct SmallParams {
   int64_t max_iter;
   double tol;
   bool has_tol;
+  const T* rho;  // (B, 2) or nullptr: unbalanced problems (../loop_rules.h)
+  bool stop_potentials;
 };
 
 template <bool WARP>
@@ -62,16 +64,18 @@ __device__ __forceinline__ void group_sync() {
 }
 
 // Sum over the group; every thread gets the same bits (butterfly shuffles are symmetric,
-// and the cross-warp sum is done in the same order by every thread).
+// and the cross-warp sum is done in the same order by every thread). potentials: the
+// maximum instead (rules::stop_combine), for the potentials stopping rule.
 template <bool WARP>
-__device__ __forceinline__ double group_sum(double v, double* red, int tid, int nthr) {
-  v = warp_sum(v);
+__device__ __forceinline__ double group_sum(double v, double* red, int tid, int nthr,
+                                            bool potentials = false) {
+  v = warp_stop_reduce(v, potentials);
   if (WARP) return v;
   __syncthreads();  // red[] may still be read by the previous call
   if ((tid & 31) == 0) red[tid >> 5] = v;
   __syncthreads();
   double total = 0.0;
-  for (int w = 0; w < (nthr >> 5); ++w) total += red[w];
+  for (int w = 0; w < (nthr >> 5); ++w) total = rules::stop_combine(potentials, total, red[w]);
   return total;
 }
 
@@ -79,7 +83,7 @@ template <typename T, bool KM, bool WARP>
 __device__ __forceinline__ void lse_pass(const T* __restrict__ Cs, int so, int sq, int NO, int NQ,
                                          const T* __restrict__ h, T k, T e, T* __restrict__ out,
                                          T* __restrict__ pm, T* __restrict__ ps, int tid, int nthr,
-                                         int RT) {
+                                         int RT, T tau) {
   const int CT = nthr / RT;
   const int ro = tid % RT;
   const int cq = tid / RT;
@@ -122,7 +126,7 @@ __device__ __forceinline__ void lse_pass(const T* __restrict__ Cs, int so, int s
       }
     }
     if (CT == 1) {
-      out[o] = acc.template finish<KM>(e);
+      out[o] = acc.template finish<KM>(e, tau);
     } else {
       pm[cq * NO + o] = acc.m;
       ps[cq * NO + o] = acc.s;
@@ -141,7 +145,7 @@ __device__ __forceinline__ void lse_pass(const T* __restrict__ Cs, int so, int s
           acc.merge(pm[c * NO + o], ps[c * NO + o]);
         }
       }
-      out[o] = acc.template finish<KM>(e);
+      out[o] = acc.template finish<KM>(e, tau);
     }
   }
 }
@@ -193,13 +197,15 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpProblemsPerBlock : 32 * kMaxW
   group_sync<WARP>();
 
   auto eps_of = [&](int64_t t) -> T { return p.eps.at(pb, t); };
+  const bool potentials = problem_uses_potentials(p.rho, pb, p.stop_potentials);
 
   // g = col(f0) with eps_0.
   T e = eps_of(0);
   T k = static_cast<T>(kLog2e) / e;
+  T tau_a = side_damping(p.rho, pb, 0, e), tau_b = side_damping(p.rho, pb, 1, e);
   for (int i = tid; i < N; i += nthr) hv[i] = half_step_vector<T, KM>(la[i], f[i], k);
   group_sync<WARP>();
-  lse_pass<T, KM, WARP>(Cs, 1, S, M, N, hv, k, e, g, pm, ps, tid, nthr, p.RTc);
+  lse_pass<T, KM, WARP>(Cs, 1, S, M, N, hv, k, e, g, pm, ps, tid, nthr, p.RTc, tau_b);
   group_sync<WARP>();
 
   double err = __longlong_as_double(0x7ff8000000000000LL);  // NaN
@@ -207,16 +213,22 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpProblemsPerBlock : 32 * kMaxW
   for (int64_t t = 0;; ++t) {
     e = eps_of(t);
     k = static_cast<T>(kLog2e) / e;
+    tau_a = side_damping(p.rho, pb, 0, e);
+    tau_b = side_damping(p.rho, pb, 1, e);
     // f_next = row(g).
     for (int j = tid; j < M; j += nthr) hv[j] = half_step_vector<T, KM>(lb[j], g[j], k);
     group_sync<WARP>();
-    lse_pass<T, KM, WARP>(Cs, S, 1, N, M, hv, k, e, fn, pm, ps, tid, nthr, p.RTr);
+    lse_pass<T, KM, WARP>(Cs, S, 1, N, M, hv, k, e, fn, pm, ps, tid, nthr, p.RTr, tau_a);
     group_sync<WARP>();
     const bool last = t == p.max_iter;
     if (p.has_tol || last) {
       double part = 0.0;
-      for (int i = tid; i < N; i += nthr) part += rules::violation_term(av[i], f[i], fn[i], e);
-      const double viol = group_sum<WARP>(part, red, tid, nthr) / mass;
+      for (int i = tid; i < N; i += nthr) {
+        part = rules::stop_combine(potentials, part,
+                                   rules::stop_term(potentials, av[i], f[i], fn[i], e));
+      }
+      const double total = group_sum<WARP>(part, red, tid, nthr, potentials);
+      const double viol = rules::stop_value(potentials, total, mass);
       err = viol;
       // A non-finite violation stops the problem too: the torch loop raises there, and
       // the Python wrapper raises on the non-finite err this leaves.
@@ -230,7 +242,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpProblemsPerBlock : 32 * kMaxW
     }
     ++n;
     group_sync<WARP>();
-    lse_pass<T, KM, WARP>(Cs, 1, S, M, N, hv, k, e, g, pm, ps, tid, nthr, p.RTc);
+    lse_pass<T, KM, WARP>(Cs, 1, S, M, N, hv, k, e, g, pm, ps, tid, nthr, p.RTc, tau_b);
     group_sync<WARP>();
   }
 
@@ -348,6 +360,8 @@ cudaError_t solve_small(const SolveArgs<T>& a, const DeviceInfo& dev, cudaStream
   p.max_iter = a.max_iter;
   p.tol = a.tol;
   p.has_tol = a.has_tol;
+  p.rho = a.rho;
+  p.stop_potentials = a.stop_potentials;
   const size_t smem = static_cast<size_t>(plan.group_bytes) * plan.P;
   if (plan.warp) {
     const int64_t blocks = (a.B + plan.P - 1) / plan.P;
