@@ -30,12 +30,16 @@ def _near_degenerate(seed: int, n: int, m: int):
     return C, a / a.sum(), b / b.sum()
 
 
+@pytest.mark.parametrize("stop", ["marginals", "potentials"])
 @pytest.mark.parametrize("eps_scaling", [None, 0.5, 0.9])
 @pytest.mark.parametrize("seed", range(6))
-def test_swapping_sides_swaps_potentials_on_near_degenerate_problems(seed, eps_scaling, backend):
+def test_swapping_sides_swaps_potentials_on_near_degenerate_problems(
+    seed, eps_scaling, stop, backend
+):
     n, m = 2 + seed % 3, 3 + seed % 2
     C, a, b = _near_degenerate(seed, n, m)
     kw = {"eps": EPS, "tol": 1e-8, "max_iter": 20000, "grad": "none", "backend": backend}
+    kw["stop"] = stop
     res = sinkhorn(C, a, b, eps_scaling=eps_scaling, **kw)
     swapped = sinkhorn(C.T.contiguous(), b, a, eps_scaling=eps_scaling, **kw)
     assert bool(res.converged) and bool(swapped.converged)
