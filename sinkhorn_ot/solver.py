@@ -237,6 +237,9 @@ def warn_unconverged(result: SinkhornResult, tol, max_iter: int, stacklevel: int
 
 def _stop_rule(stop, rho, batch: int, device) -> torch.Tensor | None:
     """``(B,)`` bool: problems that stop on their potentials, or ``None`` if none does."""
+    if rho is None:  # balanced: decided without reading the device
+        everywhere = torch.ones(batch, dtype=torch.bool, device=device)
+        return everywhere if stop == "potentials" else None
     relaxed = ub.relaxed_problems(rho, batch, device)
     if stop == "marginals" and bool(relaxed.any()):
         k = int(relaxed.nonzero()[0])
