@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from . import training as T
 from .config import TrainConfig
+from .data import pipeline
+from .data.base import normalize
+from .models import ELIMModel, build_model
 
 __all__ = [
     "extract",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-def load_trained(run_dir: str | Path) -> tuple[TrainConfig, T.ELIMModel]:
+def load_trained(run_dir: str | Path) -> tuple[TrainConfig, ELIMModel]:
     """The config and the trained model (eval mode, CPU) of a ``train.py`` output folder.
 
     Args:
@@ -65,7 +67,7 @@ def load_trained(run_dir: str | Path) -> tuple[TrainConfig, T.ELIMModel]:
     state = checkpoint.load(path)
     cfg = TrainConfig.from_dict(state["config"])
     # Never re-read --pretrained weights: the checkpoint already holds the trained ones.
-    model = T.build_model(dataclasses.replace(cfg, pretrained=None))
+    model = build_model(dataclasses.replace(cfg, pretrained=None))
     model.load_state_dict(state["model"])
     return cfg, model.eval()
 
@@ -84,20 +86,20 @@ def heldout_set(cfg: TrainConfig, data_root: str | Path | None = None):
         ``(dataset, images)``; ``dataset.identities`` is ``(N,)`` int64, ``labels``
         ``(N, 2)``.
     """
-    root = data_root or cfg.data_root or T.default_data_root(cfg.data)
+    root = data_root or cfg.data_root or pipeline.default_data_root(cfg.data, cfg.confounding)
     cfg = dataclasses.replace(cfg, domain="identity")
-    _, evaluation = T.build_datasets_for(cfg, root)
-    return evaluation, T.preload(evaluation, 0, Path(root) / ".elim_cache")
+    _, evaluation = pipeline.build_training_data(cfg, root)
+    return evaluation, pipeline.preload(evaluation, 0, Path(root) / ".elim_cache")
 
 
 @torch.no_grad()
 def extract(
-    model: T.ELIMModel, images: torch.Tensor, batch_size: int = 256
+    model: ELIMModel, images: torch.Tensor, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features and predictions of uint8 images, in eval mode.
 
     Args:
-        model: a trained :class:`elim.training.ELIMModel`.
+        model: a trained :class:`elim.models.ELIMModel`.
         images: ``(N, 3, S, S)`` uint8 (as :func:`heldout_set` returns).
         batch_size: images per forward pass.
 
@@ -106,7 +108,7 @@ def extract(
 
     Example:
         >>> from elim.models import Projector
-        >>> m = T.ELIMModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)),
+        >>> m = ELIMModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)),
         ...                 Projector(4))
         >>> z, y = extract(m, torch.zeros(5, 3, 2, 2, dtype=torch.uint8))
         >>> z.shape, y.shape
@@ -116,7 +118,7 @@ def extract(
     model.eval()
     feats, preds = [], []
     for chunk in images.split(batch_size):
-        z, y = model(T.normalize(chunk))
+        z, y = model(normalize(chunk))
         feats.append(z.double())
         preds.append(y.double())
     model.train(was_training)
