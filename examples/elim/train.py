@@ -178,7 +178,7 @@ def _clock(device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run training and evaluation; returns the final held-out metrics."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     # ------------------------------------------------------------------ config
     cfg, given = parse_args(argv)
     cfg, resume_state = checkpoint.resolve_resume(cfg, given, EXAMPLE_DIR / "runs" / cfg.method)
@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     "replicas_in_sync": in_sync,
                     "train_seconds": round(train_seconds, 1),
                     "wall_seconds": round(wall, 1),
+                    # CPU time hardly depends on other jobs: the cost on an idle machine.
+                    "cpu_seconds": round(time.process_time() - cpu_start, 1),
                     "matching_share": round(matching_share, 4),
                     "threads_per_process": cfg.threads,
                     "device": str(dist.device),
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         say(
             f"mean CCC {(scores['ccc_v'] + scores['ccc_a']) / 2:.3f}; "
-            f"training {train_seconds:.0f} s, total {wall:.0f} s; results in {out}"
+            f"training {train_seconds:.0f} s, total {wall:.0f} s "
+            f"({time.process_time() - cpu_start:.0f} s of CPU); results in {out}"
         )
     if not in_sync:
         raise RuntimeError("DDP replicas hold different parameters at the end of training")

@@ -30,9 +30,11 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import pipeline
 from .data.base import normalize
+from .losses import elim_loss
 from .models import ELIMModel, build_model
 
 __all__ = [
+    "elim_loss_reach",
     "extract",
     "heldout_set",
     "identity_probe",
@@ -344,3 +346,47 @@ def write_marked_block(path: str | Path, block: str, name: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + new + "\n"
     path.write_text(text)
+
+
+def elim_loss_reach(
+    projector: torch.nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    per_domain: bool = True,
+) -> list[float]:
+    """How much of the ELIM loss's gradient can move each identity's mean feature.
+
+    For every domain ``e`` of a matched batch, ``||sum_j g_j|| / sum_j ||g_j||`` with
+    ``g_j`` the gradient of :func:`elim.losses.elim_loss` w.r.t. the matched feature of
+    sample ``j``: 1 when all samples are pushed the same way (the identity's mean moves),
+    0 when the pushes cancel (only the variation within the identity changes). With the
+    projector run once per identity (``per_domain=True``, the paper) its BatchNorm
+    removes each identity's mean, so the ratio is 0 up to rounding.
+
+    Args:
+        projector: ``f_theta`` in train mode.
+        features: ``(E, L, D)`` matched features (:class:`elim.matching.MatchedBatch`).
+        labels: ``(E, L, 2)``.
+        mask: ``(E, L)`` bool.
+        per_domain: one projector call per domain, or one for all.
+
+    Returns:
+        ``E`` ratios in [0, 1], reference first.
+
+    Example:
+        >>> from elim.models import Projector
+        >>> z, y = torch.randn(3, 6, 8), torch.randn(3, 6, 2)
+        >>> mask = torch.ones(3, 6, dtype=torch.bool)
+        >>> max(elim_loss_reach(Projector(8), z, y, mask)) < 1e-5
+        True
+    """
+    feats = features.detach().clone().requires_grad_(True)
+    loss = elim_loss(projector, feats, labels, mask, per_domain=per_domain)
+    (grad,) = torch.autograd.grad(loss, feats)
+    ratios = []
+    for g, m in zip(grad, mask):
+        g = g[m]
+        total = g.norm(dim=1).sum()
+        ratios.append(float(g.sum(0).norm() / total) if total > 0 else 0.0)
+    return ratios
