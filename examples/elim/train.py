@@ -103,7 +103,8 @@ def train_step(
             return record
         z, _ = model(images, project=False)  # fresh features from the updated encoder
 
-    # ---- matching step (appendix Algorithm 2), on detached features as released
+    # ---- matching step (appendix Algorithm 2); the shift comes from detached features
+    # (as released) unless --ot-grad differentiates through the solver
     t_match = _clock(images.device)
     sets = matching.sample_sets(labels, domains, match_cfg, generator)  # ID grouping, Gumbel top-k
     if sets is None:  # fewer than two domains in this batch: nothing to match
@@ -152,7 +153,10 @@ def train_step(
             )
         record["loss_elim"] = loss_elim.item()
 
-    loss = loss_main + loss_elim if cfg.update == "combined" else loss_elim
+    if cfg.update == "combined":  # one backward of both losses, one optimiser step
+        loss = loss_main + loss_elim
+    else:  # two-step: the ELIM step alone (the main step was taken above)
+        loss = loss_elim
     opt.zero_grad()
     loss.backward()
     record["grad_norm"] = _clip(core.encoder, cfg.clip_grad)
