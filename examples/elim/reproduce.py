@@ -243,6 +243,43 @@ def per_seed_table(
     return "\n".join(lines)
 
 
+def curve_table(curves: dict[str, list[dict[int, float]]], names: dict[str, str]) -> str:
+    """Held-out mean CCC at every evaluation of training, mean ± std over seeds.
+
+    Args:
+        curves: ``{column: [{iteration: mean CCC} of each seed]}``.
+        names: display name of each column.
+
+    Example:
+        >>> print(curve_table({"elim": [{250: 0.5, 500: 0.7}, {250: 0.3, 500: 0.7}]}, {}))
+        | iteration | elim |
+        |---|---|
+        | 250 | 0.400 ± 0.141 |
+        | 500 | 0.700 ± 0.000 |
+    """
+    steps = sorted({k for runs in curves.values() for run in runs for k in run})
+    lines = [
+        "| iteration | " + " | ".join(names.get(c, c) for c in curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
+    for step in steps:
+        cells = []
+        for runs in curves.values():
+            values = [run[step] for run in runs if step in run]
+            cells.append("{:.3f} ± {:.3f}".format(*mean_std(values)) if values else "-")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_curve(run_dir: Path) -> dict[int, float]:
+    """``{iteration: held-out mean CCC}`` from a run's ``eval_log.jsonl``."""
+    path = run_dir / "eval_log.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: mean_ccc(r) for r in records}
+
+
 def write_block(path: Path, block: str) -> None:
     """Replace the text between the markers of ``path`` (or create the file)."""
     text = path.read_text() if path.is_file() else "# ELIM results\n\n"
@@ -366,10 +403,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     # Columns keep the seeds that finished; each comparison pairs the seeds both have.
     by_seed: dict[str, dict[int, dict[str, float]]] = {label: {} for label, _ in variants}
     time_of: dict[str, dict[int, float]] = {label: {} for label, _ in variants}
+    curves: dict[str, list[dict[int, float]]] = {label: [] for label, _ in variants}
     for (label, seed, run_dir, _cmd), seconds in zip(jobs, durations):
         if seconds is not None:
             by_seed[label][seed] = json.loads((run_dir / "metrics.json").read_text())
             time_of[label][seed] = seconds
+            curves[label].append(read_curve(run_dir))
     runs = {label: list(v.values()) for label, v in by_seed.items() if v}
     times = {label: list(v.values()) for label, v in time_of.items() if v}
 
@@ -412,6 +451,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             f"ahead in {wins} of {len(paired)}).",
             "",
         ]
+    lines += [
+        "Held-out mean CCC during training (the periodic evaluations; mean ± std over "
+        "the finished seeds):",
+        "",
+        curve_table({k: v for k, v in curves.items() if v}, names),
+        "",
+    ]
     load = (
         f"; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other jobs "
         "share the machine, so times are upper bounds)"

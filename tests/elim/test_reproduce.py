@@ -201,3 +201,4 @@ def test_table_only_reports_finished_runs_and_names_the_missing(reproduce, tmp_p
     assert "Not finished (left out): baseline seed 1, elim seed 1." in text
     assert "paired over seeds 0, ahead in" in text
     assert "| 1 | - | - | - | - |" in text
+    assert "| iteration | baseline | ELIM |" in text  # the curves of the finished runs
