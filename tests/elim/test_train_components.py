@@ -357,3 +357,42 @@ def test_elim_loss_and_projector_running_statistics(mode):
     same &= torch.equal(stats["baseline"][1], stats["elim"][1])
     assert same == (mode == "freeze")
     assert stats["elim"][2] == 0.1  # the momentum is restored afterwards
+
+
+def test_train_step_matching_equals_the_library_composition():
+    """train.py spells the matching step out; it must compute what
+    elim.matching.elim_matching_step + elim.losses.elim_loss compute."""
+    from elim.losses import elim_loss, warmup_ramp
+    from elim.matching import elim_matching_step
+    from elim.models import frozen_bn_stats
+
+    x, y, ids = _batch(p=5, k=4)
+    cfg = _cfg(method="elim", update="combined", num_domains=4, top_k=3, ot_backend="torch")
+    model = _model(seed=4)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)
+    record = train_step(
+        model,
+        build_optimizers(model, cfg),
+        x,
+        y,
+        ids,
+        3,
+        cfg,
+        matching_config(cfg),
+        torch.Generator().manual_seed(5),
+    )
+    torch.manual_seed(0)  # the same dropout draw as train_step's forward
+    z, _ = reference(x)
+    matched = elim_matching_step(z, y, ids, matching_config(cfg), torch.Generator().manual_seed(5))
+    with frozen_bn_stats(reference.projector):
+        expected = elim_loss(
+            reference.projector,
+            matched.features,
+            matched.labels,
+            matched.mask,
+            ramp=warmup_ramp(3, cfg.ramp_start, cfg.ramp_end),
+            weight=cfg.elim_weight,
+        )
+    assert record["loss_elim"] == pytest.approx(expected.item(), rel=1e-6)
+    assert record["n_domains"] == matched.mask.shape[0] == 4
