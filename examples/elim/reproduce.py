@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             reused += 1
             return seconds
         if args.table_only:
-            missing.append(f"{job[0]} seed {job[1]}")
+            missing.append((job[0], job[1]))
             return None
         t0 = time.perf_counter()
         subprocess.run(job[3], check=True, stdout=subprocess.DEVNULL if args.jobs > 1 else None)
@@ -426,7 +426,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         "",
     ]
     if missing:
-        lines += [f"Not finished (left out): {', '.join(missing)}.", ""]
+        by_column: dict[str, list[str]] = {}
+        for label, seed in missing:
+            by_column.setdefault(label, []).append(str(seed))
+        left_out = "; ".join(f"{label} seed {', '.join(v)}" for label, v in by_column.items())
+        lines += [f"Not finished (left out): {left_out}.", ""]
     if not runs:
         block = "\n".join(lines)
         print(block)

@@ -198,7 +198,7 @@ def test_table_only_reports_finished_runs_and_names_the_missing(reproduce, tmp_p
     runs = reproduce.main([*only, "--", "--config", str(cfg)])
     assert {k: len(v) for k, v in runs.items()} == {"baseline": 1, "elim": 1}
     text = results.read_text()
-    assert "Not finished (left out): baseline seed 1, elim seed 1." in text
+    assert "Not finished (left out): baseline seed 1; elim seed 1." in text
     assert "paired over seeds 0, ahead in" in text
     assert "| 1 | - | - | - | - |" in text
     assert "| iteration | baseline | ELIM |" in text  # the curves of the finished runs
