@@ -68,9 +68,9 @@ def _load_local_weights(module: nn.Module, pretrained_path: str | os.PathLike | 
 class SmallCNNEncoder(nn.Module):
     """A four-layer CNN sized for CPU training from scratch (the default backbone).
 
-    ``(conv 3x3, BatchNorm, ReLU)`` blocks of 32, 64, 96 and 128 channels, each but
-    the first halving the resolution, global average pooling, then the paper's head
-    ``Linear(128, D), BatchNorm1d(D), ReLU``. About 0.2 M parameters and 4 MFLOP per
+    ``(conv 3x3 stride 2, BatchNorm, ReLU)`` blocks of 32, 64, 96 and 128 channels, each
+    halving the resolution, global average pooling, then the paper's head
+    ``Linear(128, D), BatchNorm1d(D), ReLU``. About 0.2 M parameters and 5 MFLOP per
     32 px image: AlexNet's 2.5 M parameters and 64 px input are sized for pretrained
     ImageNet weights, which cannot be downloaded here, and train too slowly from
     scratch on two CPU cores.
