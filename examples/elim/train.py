@@ -1,6 +1,6 @@
 """Train ELIM (Kim & Song, NeurIPS 2022) or its baseline, then evaluate on held-out identities.
 
-    python examples/elim/train.py                              # ELIM, synthetic faces, ~3 min on 2 CPU cores
+    python examples/elim/train.py                              # ELIM, synthetic faces, ~3.5 min of CPU
     python examples/elim/train.py --method baseline            # regression loss only
     python examples/elim/train.py --method elim-attention      # ELIM-Attention (appendix §4.3)
     python examples/elim/train.py --domain age                 # ELIM-Age (§4.4): age groups as domains
