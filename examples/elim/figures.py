@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `elim` package beside this file
 
 from elim import analysis, plots
-from elim import training as T
+from elim.checkpoint import read_jsonl
 
 HERE = Path(__file__).resolve().parent
 METHODS = {
@@ -52,14 +52,19 @@ FIGURE_METHODS = ("baseline", "elim", "elim-attention", "elim-age")
 """Methods drawn in the t-SNE and identity-shift figures (controls only in the tables)."""
 
 
-def find_runs(runs: Path, seeds: list[int]) -> dict[str, dict[int, Path]]:
-    """``{method: {seed: folder}}`` of the run folders that hold a checkpoint."""
+def find_runs(runs: Path, seeds: list[int], level: str = "partial") -> dict[str, dict[int, Path]]:
+    """``{method: {seed: folder}}`` of the run folders that hold a checkpoint.
+
+    reproduce.py names a run ``<method>-<level>-seed<S>`` (``<method>-seed<S>`` for a
+    column without a confounding level); the first that exists is taken.
+    """
     found: dict[str, dict[int, Path]] = {}
     for method in METHODS:
         for seed in seeds:
-            folder = runs / f"{method}-seed{seed}"
-            if (folder / "checkpoint.pt").is_file():
-                found.setdefault(method, {})[seed] = folder
+            for folder in (runs / f"{method}-{level}-seed{seed}", runs / f"{method}-seed{seed}"):
+                if (folder / "checkpoint.pt").is_file():
+                    found.setdefault(method, {})[seed] = folder
+                    break
     return found
 
 
@@ -95,8 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=str(HERE / "runs" / "reproduce"))
     parser.add_argument("--out", default=str(HERE / "figures"), help="folder of the PNGs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--figure-seed", type=int, default=0, help="seed of the runs drawn")
+    parser.add_argument(
+        "--level", default="partial", help="confounding level of the runs (reproduce.py columns)"
+    )
     parser.add_argument("--tsne-identities", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=3, help="identity-shift pairs drawn")
     parser.add_argument("--results", default=None, help="Markdown file for the probe table")
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs_dir, out = Path(args.runs), Path(args.out)
-    found = find_runs(runs_dir, args.seeds)
+    found = find_runs(runs_dir, args.seeds, args.level)
     if not found:
         raise SystemExit(
             f"--runs {runs_dir}: no <method>-seed<S>/checkpoint.pt for methods "
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     logs = {
         METHODS[m]: [
-            (T.read_jsonl(f / "train_log.jsonl"), T.read_jsonl(f / "eval_log.jsonl"))
+            (read_jsonl(f / "train_log.jsonl"), read_jsonl(f / "eval_log.jsonl"))
             for f in by_seed.values()
         ]
         for m, by_seed in found.items()

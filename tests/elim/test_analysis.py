@@ -152,3 +152,24 @@ def test_figures_docstring_examples(figures):
 def test_figures_command_without_runs_says_what_it_looked_for(figures, tmp_path):
     with pytest.raises(SystemExit, match=r"no <method>-seed<S>/checkpoint\.pt"):
         figures.main(["--runs", str(tmp_path), "--probes-only"])
+
+
+def test_elim_loss_reach_is_zero_with_per_identity_batchnorm_only():
+    """BatchNorm over one identity's batch is invariant to shifting all of its features
+    by one vector, so the summed gradient over the identity is exactly 0 (the oracle);
+    one BatchNorm batch across identities lets the loss move an identity's mean."""
+    import torch
+    from elim.analysis import elim_loss_reach
+    from elim.models import Projector
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 8, 6)
+    # Every identity's labels sit far from the others': the loss wants its mean moved.
+    y = torch.tensor([[-0.8, -0.8], [0.8, 0.8], [-0.8, 0.8], [0.8, -0.8]])[:, None, :].expand(
+        4, 8, 2
+    )
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[3, 5:] = False  # a ragged identity
+    projector = Projector(6).train()
+    assert max(elim_loss_reach(projector, z, y, mask, per_domain=True)) < 1e-5
+    assert min(elim_loss_reach(projector, z, y, mask, per_domain=False)) > 0.3

@@ -105,7 +105,7 @@ def test_build_datasets_afew_va(raw, tmp_path):
     assert len(train) + len(val) == 18
     assert train.domain_kind == "identity" and train.ages is None
     assert train.labels.shape == (len(train), 2) and torch.all(train.labels.abs() <= 1)
-    assert train[0][0].shape == (3, 8, 8)
+    assert train[0][0].shape == (3, 9, 9) and val[0][0].shape == (3, 8, 8)  # resize 8 * 256/224
     assert set(train.identity_names).isdisjoint(val.identity_names)
 
 

@@ -137,7 +137,7 @@ def test_build_datasets_affectnet(root):
     assert (len(train), len(val)) == (3, 2)
     assert train.domain_kind == val.domain_kind == "age_group"
     assert val.identities.tolist() == [1, 3]
-    assert train[0][0].shape == (3, 8, 8)
+    assert train[0][0].shape == (3, 9, 9) and val[0][0].shape == (3, 8, 8)  # resize 8 * 256/224
     plain, _ = build_datasets("affectnet", root, 8)
     assert plain.domain_kind == "image"
     with pytest.raises(ValueError, match="AffectNet has no identities"):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from elim.data import VACsvDataset, build_datasets, make_transform
+from elim.data.base import augment, normalize
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -164,18 +165,24 @@ def test_argument_errors(layout):
         VACsvDataset.from_root(layout, "test")
 
 
-def test_transforms_shapes_randomness_and_normalisation():
+def test_one_image_pipeline_deterministic_decode_then_batch_augmentation():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
     train = make_transform(16, train=True)
     evaluate = make_transform(16, train=False)
-    assert train(image).shape == evaluate(image).shape == (3, 16, 16)
-    assert torch.equal(evaluate(image), evaluate(image))
-    torch.manual_seed(0)
-    draws = [train(image) for _ in range(6)]
-    assert any(not torch.equal(draws[0], d) for d in draws[1:]), "train crop/flip must be random"
-    raw = make_transform(16, train=False, mean=None)(image)
-    assert 0.0 <= raw.min() and raw.max() <= 1.0
-    assert evaluate(image).min() < 0.0, "ImageNet normalisation centres the data"
+    side = round(16 * 256 / 224)  # the released resize-to-crop ratio
+    assert train(image).shape == (3, side, side) and evaluate(image).shape == (3, 16, 16)
+    assert train(image).dtype == evaluate(image).dtype == torch.uint8
+    assert torch.equal(train(image), train(image)), "decoding is deterministic"
+    # The centre of the training resize is the evaluation crop.
+    offset = (side - 16) // 2
+    assert torch.equal(train(image)[:, offset : offset + 16, offset : offset + 16], evaluate(image))
+    # The random half runs per batch from a generator: crops of the decoded image.
+    batch = torch.stack([train(image)] * 6)
+    crops = augment(batch, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 16, 16)
+    assert any(not torch.equal(crops[0], c) for c in crops[1:]), "crops/flips must vary"
+    scaled = normalize(evaluate(image)[None])
+    assert scaled.dtype == torch.float32 and scaled.min() < 0.0 < scaled.max()
     with pytest.raises(ValueError, match="`image_size` must be an integer >= 1, got 0"):
         make_transform(0, train=True)
 
@@ -189,7 +196,10 @@ def test_build_datasets_csv_uniform_interface(layout):
         assert ds.labels.abs().max() <= 1.0
     assert set(train.identity_names).isdisjoint(val.identity_names)
     images, labels, ids = next(iter(DataLoader(train, batch_size=3)))
-    assert images.shape == (3, 3, 16, 16) and labels.shape == (3, 2) and ids.dtype == torch.int64
+    # Training images come out at the released resize (18 = 16 * 256/224), uint8, for the
+    # random crop of the batch augmentation.
+    assert images.shape == (3, 3, 18, 18) and images.dtype == torch.uint8
+    assert labels.shape == (3, 2) and ids.dtype == torch.int64
     _, val_age = build_datasets("csv", layout, 16, domain="age")
     assert val_age.identities.tolist() == [2, 1]
     with pytest.raises(ValueError, match=r"`kind` must be one of .*got 'imagenet'"):

@@ -268,7 +268,7 @@ def test_build_datasets_synthetic(tmp_path):
     assert train.domain_kind == "identity" and train.identities.unique().numel() == 3
     assert train.ages.shape == (9,) and train.labels.shape == (9, 2)
     assert torch.all(train.labels.abs() <= 1)
-    assert train[0][0].shape == (3, 16, 16)
+    assert train[0][0].shape == (3, 18, 18) and val[0][0].shape == (3, 16, 16)  # resize 256/224
     _, val_age = build_datasets(
         "synthetic", tmp_path, 16, synthetic_config=TINY, domain="age", num_workers=0
     )

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from elim.config import TrainConfig
-from elim.training import build_datasets_for, check_age_domain
+from elim.data.pipeline import build_training_data, check_age_domain, make_sampler
 from PIL import Image
 from test_data_affectnet import HEADER, _row
 from test_train_helpers import TINY_SYNTHETIC, run_train, tiny_config, write_config
@@ -36,7 +36,7 @@ def test_age_groups_follow_the_bin_edges(tmp_path):
     ages = [a for a, _ in AGE_TO_GROUP]
     root = _csv_root(tmp_path, ages)
     cfg = TrainConfig(data="csv", data_root=str(root), domain="age", image_size=8)
-    train, evaluation = build_datasets_for(cfg, root)
+    train, evaluation = build_training_data(cfg, root)
     assert train.domain_kind == "age_group"
     assert train.ages.tolist() == ages
     assert train.identities.tolist() == [g for _, g in AGE_TO_GROUP]
@@ -48,9 +48,9 @@ def test_ages_outside_the_groups_are_an_error_with_domain_age(tmp_path, bad_age)
     root = _csv_root(tmp_path, [25, bad_age, 40])
     cfg = TrainConfig(data="csv", data_root=str(root), domain="age", image_size=8)
     with pytest.raises(ValueError, match=rf"ages in \[18, 85\).*got age {bad_age}"):
-        build_datasets_for(cfg, root)
+        build_training_data(cfg, root)
     # With identity domains the same ages are just metadata: no error.
-    train, _ = build_datasets_for(TrainConfig(data="csv", domain="identity", image_size=8), root)
+    train, _ = build_training_data(TrainConfig(data="csv", domain="identity", image_size=8), root)
     assert train.domain_kind == "identity" and bad_age in train.ages.tolist()
 
 
@@ -58,7 +58,7 @@ def test_missing_ages_are_an_error_with_domain_age(tmp_path):
     root = _csv_root(tmp_path, [25, 33])
     (root / "train" / "ages.csv").write_text("identity,age\np0,25\n")  # p1 has none
     with pytest.raises(ValueError, match=r"no age for 1 identity value\(s\).*'p1'"):
-        build_datasets_for(TrainConfig(data="csv", domain="age", image_size=8), root)
+        build_training_data(TrainConfig(data="csv", domain="age", image_size=8), root)
 
     class NoAges:
         ages = None
@@ -70,10 +70,10 @@ def test_missing_ages_are_an_error_with_domain_age(tmp_path):
 def test_identity_is_the_effective_default_domain_for_synthetic(tmp_path):
     assert TrainConfig().domain == "auto"
     cfg = TrainConfig(synthetic_overrides=TINY_SYNTHETIC, image_size=32)
-    train, evaluation = build_datasets_for(cfg, tmp_path)
+    train, evaluation = build_training_data(cfg, tmp_path)
     assert train.domain_kind == evaluation.domain_kind == "identity"
     assert len(train.identity_names) == TINY_SYNTHETIC["n_train_identities"]
-    age, _ = build_datasets_for(TrainConfig(**{**cfg.to_dict(), "domain": "age"}), tmp_path)
+    age, _ = build_training_data(TrainConfig(**{**cfg.to_dict(), "domain": "age"}), tmp_path)
     assert age.domain_kind == "age_group"
     assert torch.equal(age.labels, train.labels)  # the same images, other domains
 
@@ -138,8 +138,6 @@ def test_cli_affectnet_age_rejects_out_of_range_ages(affectnet_root, tmp_path):
 def test_too_few_age_groups_for_the_batch_shape_names_the_flags():
     from types import SimpleNamespace
 
-    from elim.training import make_sampler
-
     # 5 age groups, but batches of 32 / 4 = 8 domains: the error says which K fits.
     groups = torch.arange(40) % 5
     dataset = SimpleNamespace(identities=groups.numpy(), domain_kind="age_group")
@@ -151,5 +149,26 @@ def test_too_few_age_groups_for_the_batch_shape_names_the_flags():
     ):
         make_sampler(dataset, cfg, rank=0, world_size=1)
     fitting = TrainConfig(method="elim", domain="age", batch_size=32, samples_per_identity=8)
-    sampler = make_sampler(dataset, fitting, rank=0, world_size=1)
-    assert sampler.identities_per_batch == 4
+    sampler, layout = make_sampler(dataset, fitting, rank=0, world_size=1)
+    assert sampler.identities_per_batch == 4 and layout.note is None
+    # Without --samples-per-identity the layout is chosen to fit, and said so.
+    chosen = TrainConfig(method="elim", domain="age", batch_size=30)
+    sampler, layout = make_sampler(dataset, chosen, rank=0, world_size=1)
+    assert (sampler.identities_per_batch, sampler.samples_per_identity) == (5, 6)
+    assert "5 x 6 (--samples-per-identity 6)" in layout.note
+
+
+def test_cli_domain_age_picks_the_batch_layout_and_says_so(tmp_path, capsys):
+    # Batches of 8 / default K 12 do not fit; the tiny set's age groups get 8 / P each.
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(tmp_path / "data"))
+    text = json.loads(cfg.read_text())
+    del text["samples_per_identity"]
+    cfg.write_text(json.dumps(text))
+    out = tmp_path / "run"
+    run_train(["--config", str(cfg), "--method", "elim", "--domain", "age", "--out", str(out)])
+    note = [
+        line for line in capsys.readouterr().out.splitlines() if "cannot fill the default" in line
+    ]
+    assert len(note) == 1 and "--samples-per-identity" in note[0]
+    layout = json.loads((out / "run.json").read_text())["batch_layout"]
+    assert layout[0] * layout[1] == 8 and layout[0] >= 2

@@ -6,10 +6,9 @@ import pytest
 import torch
 from elim import checkpoint
 from elim.attention import ELIMAttention
-from elim.config import TrainConfig
-from elim.models import Projector
-from elim.training import ELIMModel, build_model, build_optimizers, matching_config, train_step
-from test_train_components import TinyEncoder
+from elim.config import TrainConfig, matching_config
+from elim.models import ELIMModel, Projector, build_model, build_optimizers
+from test_train_components import TinyEncoder, train_step
 from test_train_helpers import run_train, tiny_config, write_config
 
 D = 6  # TinyEncoder's feature size

@@ -78,6 +78,9 @@ def test_end_to_end_on_tiny_data(reproduce, tmp_path, monkeypatch):
             str(results),
             "--train-args",
             "--plots false",
+            "--methods",
+            "baseline",
+            "elim",
             "--variant",
             "elim scalar",
             "--method elim --shift scalar",
@@ -91,8 +94,8 @@ def test_end_to_end_on_tiny_data(reproduce, tmp_path, monkeypatch):
     assert [c[c.index("--method") + 1] for c in commands] == ["baseline", "elim", "elim"]
     assert commands[2][-2:] == ["--config", str(cfg)] and "--shift" in commands[2]
     text = results.read_text()
-    assert "| metric | baseline | elim | elim scalar |" in text
-    assert "ELIM − baseline, mean CCC:" in text
+    assert "| metric | baseline | ELIM | elim scalar |" in text
+    assert "ELIM − baseline, mean CCC: **" in text and "(one seed; paired over seeds 0" in text
     assert "--config" in text  # the exact command is recorded
     assert (tmp_path / "runs" / "elim-scalar-seed0" / "metrics.json").is_file()
 
@@ -112,8 +115,9 @@ def test_presets_give_the_table_columns_their_train_arguments(reproduce, tmp_pat
     commands = [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
     assert len(commands) == 5
     assert "--method elim-attention --seed 0" in commands[2]
-    assert "--method elim --domain age --samples-per-identity 8 --seed 0" in commands[3]
-    assert "--method baseline --domain age --samples-per-identity 8" in commands[4]
+    # ELIM-Age leaves the batch layout to train.py (5 age groups x batch / 5).
+    assert "--method elim --domain age --seed 0" in commands[3]
+    assert "--method baseline --domain age --seed 0" in commands[4]
     assert str(tmp_path / "elim-age-seed0") in commands[3]
 
 
@@ -141,5 +145,60 @@ def test_attention_column_and_reuse_of_finished_runs(reproduce, tmp_path, monkey
     assert len(commands) == 2 and again == first
     assert "2 finished runs with the same settings reused" in results.read_text()
     # A changed setting is a different experiment: it runs again.
-    reproduce.main([*args, "--reuse", "--", "--config", str(cfg), "--lr", "0.002"])
+    reproduce.main([*args, "--reuse", "--", "--config", str(cfg), "--lr", "0.003"])
     assert len(commands) == 4
+
+
+def test_paired_difference_interval_matches_scipy(reproduce):
+    stats = pytest.importorskip("scipy.stats")
+    treated, control = [0.61, 0.55, 0.70, 0.64, 0.58], [0.50, 0.57, 0.61, 0.52, 0.55]
+    diffs = [t - c for t, c in zip(treated, control)]
+    mean, low, high = reproduce.paired_difference(treated, control)
+    expected = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / 5, scale=stats.sem(diffs))
+    assert mean == pytest.approx(sum(diffs) / 5)
+    assert (low, high) == pytest.approx(expected, abs=2e-3)  # t table to 3 decimals
+    for df in (1, 2, 3, 4, 9, 30):
+        assert reproduce.t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+
+
+def test_columns_levels_and_controls(reproduce, tmp_path, capsys):
+    assert reproduce.column_args("elim@strong") == ["--method", "elim", "--confounding", "strong"]
+    assert reproduce.column_args("elim-shared-bn") == [
+        "--method",
+        "elim",
+        "--per-domain-projector",
+        "false",
+    ]
+    assert reproduce.control_of("elim-attention@none") == "baseline@none"
+    assert reproduce.control_of("elim-age") == "baseline-age"
+    assert reproduce.display_name("elim@partial") == "ELIM (partial)"
+    # The default columns: baseline and ELIM at every level, and every method's control.
+    columns = set(reproduce.DEFAULT_COLUMNS)
+    for level in ("none", "partial", "strong"):
+        assert {f"baseline@{level}", f"elim@{level}"} <= columns
+    assert all(reproduce.control_of(c) in columns for c in columns)
+    assert len(reproduce.DEFAULT_SEEDS) >= 5
+    reproduce.main(["--dry-run", "--out", str(tmp_path)])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
+    assert len(commands) == len(columns) * len(reproduce.DEFAULT_SEEDS)
+
+
+def test_table_only_reports_finished_runs_and_names_the_missing(reproduce, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        reproduce.subprocess, "run", lambda cmd, check, stdout=None: run_train(cmd[2:])
+    )
+    cfg = write_config(tmp_path / "cfg.json", tiny_config(tmp_path / "data", max_steps=1))
+    results = tmp_path / "RESULTS.md"
+    args = ["--out", str(tmp_path / "runs"), "--results", str(results), "--train-args", ""]
+    reproduce.main(
+        [*args, "--seeds", "0", "--methods", "baseline", "elim", "--", "--config", str(cfg)]
+    )
+    monkeypatch.setattr(reproduce.subprocess, "run", None)  # --table-only never runs anything
+    only = [*args, "--table-only", "--seeds", "0", "1", "--methods", "baseline", "elim"]
+    runs = reproduce.main([*only, "--", "--config", str(cfg)])
+    assert {k: len(v) for k, v in runs.items()} == {"baseline": 1, "elim": 1}
+    text = results.read_text()
+    assert "Not finished (left out): baseline seed 1; elim seed 1." in text
+    assert "paired over seeds 0, ahead in" in text
+    assert "| 1 | - | - | - | - |" in text
+    assert "| iteration | baseline | ELIM |" in text  # the curves of the finished runs

@@ -1,4 +1,5 @@
-"""elim.training: augmentation, matching settings, one training step, evaluation, logs."""
+"""The pieces of a training run: augmentation, matching settings, one training step
+(train.py's ``train_step``), evaluation, the data pipeline and the logs."""
 
 from __future__ import annotations
 
@@ -6,35 +7,24 @@ import copy
 import doctest
 import json
 
-import elim.training
+import elim.data.pipeline
 import numpy as np
 import pytest
 import torch
-from elim.config import TrainConfig
+from elim.checkpoint import read_jsonl, truncate_jsonl
+from elim.config import TrainConfig, matching_config
+from elim.data.base import augment, normalize
+from elim.data.pipeline import Batches, batch_layout, make_sampler, preload, should_cache
 from elim.matching import MatchingConfig
-from elim.metrics import va_metrics
-from elim.models import Projector
-from elim.training import (
-    Batches,
-    ELIMModel,
-    augment,
-    build_optimizers,
-    check_ot_grad,
-    evaluate,
-    make_sampler,
-    matching_config,
-    normalize,
-    preload,
-    read_jsonl,
-    should_cache,
-    train_step,
-    truncate_jsonl,
-)
+from elim.metrics import evaluate, identity_share, va_metrics
+from elim.models import ELIMModel, Projector, build_optimizers
+from test_train_helpers import load_train_module
 from torch import nn
 
 import sinkhorn_ot
 
 D = 6
+train_step = load_train_module().train_step
 
 
 class TinyEncoder(nn.Module):
@@ -126,25 +116,13 @@ def test_normalize_uses_imagenet_statistics():
 def test_matching_config_paper_and_converged():
     paper = matching_config(TrainConfig())
     assert (paper.method, paper.max_iter, paper.tol, paper.eps) == ("kernel", 5, None, 0.2)
-    assert paper.detach_shift and paper.grad == "none" and paper.backend == "torch"
+    assert paper.detach_shift and paper.grad == "none" and paper.backend == "auto"
     assert paper.num_domains == 10 and paper.top_k == 10
     conv = matching_config(TrainConfig(sinkhorn="converged", ot_tol=1e-4, top_k=0))
     assert (conv.method, conv.max_iter, conv.tol, conv.top_k) == ("log", 1000, 1e-4, None)
     scalar = matching_config(TrainConfig(shift="scalar", ot_iters=9, ot_grad="unroll"))
     assert scalar.shift == "scalar" and scalar.max_iter == 9
     assert scalar.grad == "unroll" and not scalar.detach_shift  # a gradient mode un-detaches
-
-
-def test_check_ot_grad_accepts_supported_and_explains_unsupported(monkeypatch):
-    check_ot_grad("none")
-    check_ot_grad("unroll")  # always supported by sinkhorn_ot
-
-    def no_implicit(*args, grad="unroll", **kw):
-        raise NotImplementedError(f"grad={grad!r} is not implemented yet")
-
-    monkeypatch.setattr(sinkhorn_ot, "sinkhorn", no_implicit)
-    with pytest.raises(ValueError, match="--ot-grad none"):
-        check_ot_grad("implicit")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -261,7 +239,7 @@ def test_batches_skip_resumes_inside_an_epoch_and_cache_equals_stream():
     labels = torch.rand(24, 2)
     ids = torch.arange(6).repeat_interleave(4)
     data = _ListDataset(images, labels, ids)
-    sampler = make_sampler(data, TrainConfig(batch_size=4, samples_per_identity=2), 0, 1)
+    sampler, _ = make_sampler(data, TrainConfig(batch_size=4, samples_per_identity=2), 0, 1)
     sampler.set_epoch(2)
     full = list(Batches(data, sampler, images, workers=0))
     tail = list(Batches(data, sampler, images, workers=0, skip=2))
@@ -276,8 +254,23 @@ def test_batches_skip_resumes_inside_an_epoch_and_cache_equals_stream():
 def test_image_domains_get_k_equal_one():
     data = _ListDataset(torch.zeros(8, 3, 2, 2), torch.zeros(8, 2), torch.arange(8))
     data.domain_kind = "image"
-    sampler = make_sampler(data, TrainConfig(batch_size=4, samples_per_identity=2), 0, 1)
+    sampler, layout = make_sampler(data, TrainConfig(batch_size=4, samples_per_identity=2), 0, 1)
     assert sampler.samples_per_identity == 1 and sampler.identities_per_batch == 4
+    assert layout == (4, 1, None)
+
+
+def test_batch_layout_fits_the_domains_unless_k_is_given():
+    cfg = TrainConfig(batch_size=120)
+    assert batch_layout(cfg, "identity", 96) == (10, 12, None)
+    # Five age groups: the layout with the most domains that fits, and a note saying so.
+    domains, k, note = batch_layout(cfg, "age_group", 5)
+    assert (domains, k) == (5, 24) and "--samples-per-identity 24" in note
+    assert batch_layout(cfg, "age_group", 10, world_size=2)[:2] == (5, 24)
+    # An explicit K that needs more domains than exist stays an error naming the flags.
+    with pytest.raises(ValueError, match=r"--samples-per-identity 24 \(5 domains x 24"):
+        batch_layout(TrainConfig(batch_size=120, samples_per_identity=12), "age_group", 5)
+    with pytest.raises(ValueError, match="too few for batches"):
+        batch_layout(cfg, "age_group", 1)
 
 
 def test_preload_disk_cache_round_trip(tmp_path):
@@ -309,7 +302,7 @@ def test_truncate_jsonl_drops_records_after_the_checkpoint(tmp_path):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(elim.training)
+    result = doctest.testmod(elim.data.pipeline)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -340,7 +333,6 @@ def test_identity_share_separates_shortcut_from_expression():
     ids = torch.arange(8).repeat_interleave(20)
     labels = torch.rand(160, 1, generator=g)
     per_identity = torch.rand(8, 1, generator=g)[ids] + 0.01 * torch.randn(160, 1, generator=g)
-    from elim.training import identity_share
 
     assert identity_share(labels, ids)[0] < 0.15  # labels independent of identity
     assert identity_share(per_identity, ids)[0] > 0.95  # a per-identity constant
@@ -365,3 +357,42 @@ def test_elim_loss_and_projector_running_statistics(mode):
     same &= torch.equal(stats["baseline"][1], stats["elim"][1])
     assert same == (mode == "freeze")
     assert stats["elim"][2] == 0.1  # the momentum is restored afterwards
+
+
+def test_train_step_matching_equals_the_library_composition():
+    """train.py spells the matching step out; it must compute what
+    elim.matching.elim_matching_step + elim.losses.elim_loss compute."""
+    from elim.losses import elim_loss, warmup_ramp
+    from elim.matching import elim_matching_step
+    from elim.models import frozen_bn_stats
+
+    x, y, ids = _batch(p=5, k=4)
+    cfg = _cfg(method="elim", update="combined", num_domains=4, top_k=3, ot_backend="torch")
+    model = _model(seed=4)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)
+    record = train_step(
+        model,
+        build_optimizers(model, cfg),
+        x,
+        y,
+        ids,
+        3,
+        cfg,
+        matching_config(cfg),
+        torch.Generator().manual_seed(5),
+    )
+    torch.manual_seed(0)  # the same dropout draw as train_step's forward
+    z, _ = reference(x)
+    matched = elim_matching_step(z, y, ids, matching_config(cfg), torch.Generator().manual_seed(5))
+    with frozen_bn_stats(reference.projector):
+        expected = elim_loss(
+            reference.projector,
+            matched.features,
+            matched.labels,
+            matched.mask,
+            ramp=warmup_ramp(3, cfg.ramp_start, cfg.ramp_end),
+            weight=cfg.elim_weight,
+        )
+    assert record["loss_elim"] == pytest.approx(expected.item(), rel=1e-6)
+    assert record["n_domains"] == matched.mask.shape[0] == 4

@@ -16,10 +16,20 @@ def test_defaults_are_the_documented_default_run():
     assert given == set()
     assert (cfg.method, cfg.backbone, cfg.data, cfg.update) == (
         "elim",
-        "alexnet",
+        "cnn",
         "synthetic",
         "two-step",
     )
+    # Paper-sized matching sets: 10 identities x 12 images, so Gumbel top-10 selects;
+    # the fast path of the solver unless the user chooses; a fixed thread count.
+    assert (cfg.batch_size, cfg.samples_per_identity, cfg.num_domains, cfg.top_k) == (
+        120,
+        None,
+        10,
+        10,
+    )
+    assert elim.config.DEFAULT_SAMPLES_PER_IDENTITY == 12 > cfg.top_k
+    assert cfg.ot_backend == "auto" and cfg.threads == 1 and cfg.confounding == "partial"
     # The paper's matching: eps 0.2 (lambda 5), Algorithm 1 with T = 5, detached shift.
     assert (cfg.ot_eps, cfg.sinkhorn, cfg.ot_grad, cfg.shift) == (0.2, "paper", "none", "vector")
     assert cfg.feature_dim == 64 and cfg.betas == (0.5, 0.99)
@@ -59,7 +69,7 @@ def test_command_line_overrides_config_file_which_overrides_defaults(tmp_path):
     assert cfg.method == "baseline"  # from the file
     assert cfg.lr == 0.5  # the flag wins over the file
     assert cfg.max_steps == 7 and cfg.betas == (0.9, 0.999)
-    assert cfg.seed == 3 and cfg.backbone == "alexnet"  # flag, default
+    assert cfg.seed == 3 and cfg.backbone == "cnn"  # flag, default
     assert given == {"method", "lr", "max_steps", "betas", "seed"}
 
 
@@ -107,6 +117,12 @@ def test_bad_choices_and_values_are_rejected(capsys):
         TrainConfig(num_domains=1)
     with pytest.raises(ValueError, match="ramp_end"):
         TrainConfig(ramp_start=10, ramp_end=5)
+    with pytest.raises(ValueError, match="`threads` must be >= 1, got 0"):
+        TrainConfig(threads=0)
+    with pytest.raises(SystemExit):
+        parse_args(["--confounding", "total"])
+    with pytest.raises(SystemExit):
+        parse_args(["--ot-backend", "gpu"])
 
 
 def test_dict_round_trip_is_json_and_lossless():
@@ -114,7 +130,6 @@ def test_dict_round_trip_is_json_and_lossless():
     data = cfg.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert TrainConfig.from_dict(data) == cfg
-    assert cfg.identities_per_batch == cfg.batch_size // cfg.samples_per_identity
     with pytest.raises(ValueError, match="unknown config key"):
         TrainConfig.from_dict({**data, "bogus": 1})
 

@@ -131,12 +131,3 @@ def test_ranks_get_disjoint_identities():
     ]
     for b0, b1 in zip(*samplers):
         assert not set(domains[b0].tolist()) & set(domains[b1].tolist())
-
-
-def test_default_threads_share_the_idle_cores():
-    assert distributed.default_threads(1, cores=2, load=0.9) == 2  # a mostly idle machine
-    assert distributed.default_threads(1, cores=2, load=1.4) == 1  # one core busy elsewhere
-    assert distributed.default_threads(1, cores=2, load=50.0) == 1  # never below 1
-    assert distributed.default_threads(4, cores=16, load=0.0) == 4  # a share per process
-    assert distributed.default_threads(1, cores=16, load=10.0) == 6
-    assert 1 <= distributed.default_threads() <= (os.cpu_count() or 1)

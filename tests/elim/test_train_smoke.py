@@ -1,6 +1,6 @@
 """Smoke test of train.py: 2 iterations of every backbone x method on tiny inputs (CPU).
 
-The nine runs take under a minute of CPU time in total: a 9-identity synthetic set of
+The twelve runs take under a minute of CPU time in total: a 9-identity synthetic set of
 32 px faces, feature size 8, one thread, and the MLP-Mixer at 16 px (a single token; its
 59M parameters, their Adam states and the checkpoint still dominate). CPU time rather
 than wall time is asserted, so that other jobs on a shared machine cannot fail the test.
@@ -18,7 +18,7 @@ from test_train_helpers import read_png_size, run_train, tiny_config, write_conf
 
 METRIC_KEYS = {"rmse_v", "rmse_a", "sagr_v", "sagr_a", "pcc_v", "pcc_a", "ccc_v", "ccc_a"}
 # AlexNet needs >= 63 px; ResNet-18 runs at the tiny data's 32 px, the Mixer at 16 px.
-IMAGE_SIZE = {"alexnet": 64, "resnet18": 32, "mixer": 16}
+IMAGE_SIZE = {"cnn": 32, "alexnet": 64, "resnet18": 32, "mixer": 16}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def timings():
 
 
 @pytest.mark.parametrize("method", ["baseline", "elim", "elim-attention"])
-@pytest.mark.parametrize("backbone", ["alexnet", "resnet18", "mixer"])
+@pytest.mark.parametrize("backbone", ["cnn", "alexnet", "resnet18", "mixer"])
 def test_two_training_steps(backbone, method, tiny_root, tmp_path, timings):
     cfg = write_config(
         tmp_path / "cfg.json",
@@ -58,6 +58,11 @@ def test_two_training_steps(backbone, method, tiny_root, tmp_path, timings):
     if method != "baseline":
         assert log[0]["loss_elim"] == 0.0 and log[1]["loss_elim"] > 0.0
         assert log[1]["n_domains"] >= 2
+        # The log says how much of the training step the matching step took.
+        assert 0.0 < log[1]["matching_seconds"] < log[1]["step_seconds"]
+        assert log[1]["matching_share"] == pytest.approx(
+            log[1]["matching_seconds"] / log[1]["step_seconds"]
+        )
     else:
         assert all(r["loss_elim"] == 0.0 for r in log)
     state = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -27,10 +27,14 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from . import training as T
 from .config import TrainConfig
+from .data import pipeline
+from .data.base import normalize
+from .losses import elim_loss
+from .models import ELIMModel, build_model
 
 __all__ = [
+    "elim_loss_reach",
     "extract",
     "heldout_set",
     "identity_probe",
@@ -42,7 +46,7 @@ __all__ = [
 ]
 
 
-def load_trained(run_dir: str | Path) -> tuple[TrainConfig, T.ELIMModel]:
+def load_trained(run_dir: str | Path) -> tuple[TrainConfig, ELIMModel]:
     """The config and the trained model (eval mode, CPU) of a ``train.py`` output folder.
 
     Args:
@@ -65,7 +69,7 @@ def load_trained(run_dir: str | Path) -> tuple[TrainConfig, T.ELIMModel]:
     state = checkpoint.load(path)
     cfg = TrainConfig.from_dict(state["config"])
     # Never re-read --pretrained weights: the checkpoint already holds the trained ones.
-    model = T.build_model(dataclasses.replace(cfg, pretrained=None))
+    model = build_model(dataclasses.replace(cfg, pretrained=None))
     model.load_state_dict(state["model"])
     return cfg, model.eval()
 
@@ -84,20 +88,20 @@ def heldout_set(cfg: TrainConfig, data_root: str | Path | None = None):
         ``(dataset, images)``; ``dataset.identities`` is ``(N,)`` int64, ``labels``
         ``(N, 2)``.
     """
-    root = data_root or cfg.data_root or T.default_data_root(cfg.data)
+    root = data_root or cfg.data_root or pipeline.default_data_root(cfg.data, cfg.confounding)
     cfg = dataclasses.replace(cfg, domain="identity")
-    _, evaluation = T.build_datasets_for(cfg, root)
-    return evaluation, T.preload(evaluation, 0, Path(root) / ".elim_cache")
+    _, evaluation = pipeline.build_training_data(cfg, root)
+    return evaluation, pipeline.preload(evaluation, 0, Path(root) / ".elim_cache")
 
 
 @torch.no_grad()
 def extract(
-    model: T.ELIMModel, images: torch.Tensor, batch_size: int = 256
+    model: ELIMModel, images: torch.Tensor, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen features and predictions of uint8 images, in eval mode.
 
     Args:
-        model: a trained :class:`elim.training.ELIMModel`.
+        model: a trained :class:`elim.models.ELIMModel`.
         images: ``(N, 3, S, S)`` uint8 (as :func:`heldout_set` returns).
         batch_size: images per forward pass.
 
@@ -106,7 +110,7 @@ def extract(
 
     Example:
         >>> from elim.models import Projector
-        >>> m = T.ELIMModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)),
+        >>> m = ELIMModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)),
         ...                 Projector(4))
         >>> z, y = extract(m, torch.zeros(5, 3, 2, 2, dtype=torch.uint8))
         >>> z.shape, y.shape
@@ -116,7 +120,7 @@ def extract(
     model.eval()
     feats, preds = [], []
     for chunk in images.split(batch_size):
-        z, y = model(T.normalize(chunk))
+        z, y = model(normalize(chunk))
         feats.append(z.double())
         preds.append(y.double())
     model.train(was_training)
@@ -342,3 +346,47 @@ def write_marked_block(path: str | Path, block: str, name: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + new + "\n"
     path.write_text(text)
+
+
+def elim_loss_reach(
+    projector: torch.nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    per_domain: bool = True,
+) -> list[float]:
+    """How much of the ELIM loss's gradient can move each identity's mean feature.
+
+    For every domain ``e`` of a matched batch, ``||sum_j g_j|| / sum_j ||g_j||`` with
+    ``g_j`` the gradient of :func:`elim.losses.elim_loss` w.r.t. the matched feature of
+    sample ``j``: 1 when all samples are pushed the same way (the identity's mean moves),
+    0 when the pushes cancel (only the variation within the identity changes). With the
+    projector run once per identity (``per_domain=True``, the paper) its BatchNorm
+    removes each identity's mean, so the ratio is 0 up to rounding.
+
+    Args:
+        projector: ``f_theta`` in train mode.
+        features: ``(E, L, D)`` matched features (:class:`elim.matching.MatchedBatch`).
+        labels: ``(E, L, 2)``.
+        mask: ``(E, L)`` bool.
+        per_domain: one projector call per domain, or one for all.
+
+    Returns:
+        ``E`` ratios in [0, 1], reference first.
+
+    Example:
+        >>> from elim.models import Projector
+        >>> z, y = torch.randn(3, 6, 8), torch.randn(3, 6, 2)
+        >>> mask = torch.ones(3, 6, dtype=torch.bool)
+        >>> max(elim_loss_reach(Projector(8), z, y, mask)) < 1e-5
+        True
+    """
+    feats = features.detach().clone().requires_grad_(True)
+    loss = elim_loss(projector, feats, labels, mask, per_domain=per_domain)
+    (grad,) = torch.autograd.grad(loss, feats)
+    ratios = []
+    for g, m in zip(grad, mask):
+        g = g[m]
+        total = g.norm(dim=1).sum()
+        ratios.append(float(g.sum(0).norm() / total) if total > 0 else 0.0)
+    return ratios

@@ -21,13 +21,28 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "capture_rng", "load", "restore_rng", "save"]
+from .config import RESUMABLE_OVERRIDES, TrainConfig
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "append_jsonl",
+    "capture_rng",
+    "load",
+    "read_jsonl",
+    "resolve_resume",
+    "restore_rng",
+    "save",
+    "truncate_jsonl",
+]
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -109,3 +124,64 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
     for name, gen in generators.items():
         if name in state:
             gen.set_state(state[name])
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (``[]`` if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_jsonl(path: str | Path, max_step: int) -> None:
+    """Drop records with ``step > max_step``: a resumed run rewrites what came after
+    its checkpoint, so the log never holds two versions of a step."""
+    path = Path(path)
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one record to a JSON-lines log."""
+    with Path(path).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def resolve_resume(
+    cfg: TrainConfig, given: set[str], default_out: Path
+) -> tuple[TrainConfig, dict | None]:
+    """The config of this run and, with ``--resume``, the checkpoint to continue from.
+
+    Without ``--resume``: ``cfg`` (``out`` defaulting to ``default_out``) and ``None``.
+    With it: the checkpoint's config, plus the run-control flags given now
+    (:data:`elim.config.RESUMABLE_OVERRIDES`); any other flag that differs from the
+    saved run is an error, because changing it mid-run would silently make a
+    different experiment.
+
+    Args:
+        cfg: the parsed config.
+        given: the fields set on the command line or in a config file.
+        default_out: output folder when ``cfg.out`` is None.
+
+    Returns:
+        ``(config, checkpoint state or None)``.
+    """
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=str(default_out))
+    if cfg.resume is None:
+        return cfg, None
+    path = Path(cfg.out) / CHECKPOINT_NAME if cfg.resume == "auto" else Path(cfg.resume)
+    state = load(path)
+    saved = TrainConfig.from_dict(state["config"])
+    changed = sorted(k for k in given - RESUMABLE_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
+    if changed:
+        raise ValueError(
+            f"--resume continues the run saved in {path}; these settings differ from it: "
+            + ", ".join(f"{k}={getattr(cfg, k)!r} (saved {getattr(saved, k)!r})" for k in changed)
+        )
+    overrides = {k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES}
+    overrides.setdefault("out", str(path.parent))  # results go beside the checkpoint
+    overrides["resume"] = str(path)
+    return dataclasses.replace(saved, **overrides), state

@@ -12,7 +12,7 @@ the dataclass so that the two never drift apart. Precedence, lowest first:
 Example:
     >>> cfg, given = parse_args(["--method", "baseline", "--max-steps", "3"])
     >>> cfg.method, cfg.max_steps, cfg.backbone, sorted(given)
-    ('baseline', 3, 'alexnet', ['max_steps', 'method'])
+    ('baseline', 3, 'cnn', ['max_steps', 'method'])
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sinkhorn_ot._validation import BACKENDS as SOLVER_BACKENDS
+from sinkhorn_ot._validation import GRADS as SOLVER_GRADS
 
 try:
     import tomllib
@@ -40,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "build_parser",
     "load_config_file",
+    "matching_config",
     "parse_args",
 ]
 
@@ -47,15 +51,36 @@ METHODS = ("baseline", "elim", "elim-attention")
 """Training methods: the regression loss only; + OT identity matching (ELIM-Sinkhorn);
 + matching whose ID shift is a learned cross-attention weight (ELIM-Attention, appendix
 §4.3, :class:`elim.attention.ELIMAttention`). ELIM-Age is not a method but a domain:
-``--method elim --domain age``. ``elim.training.build_model``, ``build_optimizers`` and
-``train_step`` are the only places that branch on the method."""
+``--method elim --domain age``. ``elim.models.build_model``, ``build_optimizers`` and
+``train.py``'s ``train_step`` are the only places that branch on the method."""
 MATCHING_METHODS = ("elim", "elim-attention")
 """Methods that add the ELIM loss (and need several domains per batch)."""
-BACKBONES = ("alexnet", "resnet18", "mixer")
+BACKBONES = ("cnn", "alexnet", "resnet18", "mixer")
 DATA_KINDS = ("synthetic", "csv", "afew-va", "affectnet")
 UPDATES = ("two-step", "combined")
+DEFAULT_SAMPLES_PER_IDENTITY = 12
+"""K when ``--samples-per-identity`` is left out and the data has enough domains: more
+than the Gumbel top-10, so that the sampling selects."""
+_PEOPLE = {"n_train_identities": 96, "train_images_per_identity": 32, "va_spread": 0.3}
+CONFOUNDING_LEVELS = {
+    "none": {**_PEOPLE, "confounding": 0.0},
+    "partial": {**_PEOPLE, "confounding": 0.5},
+    "strong": {
+        "n_train_identities": 48,
+        "train_images_per_identity": 64,
+        "va_spread": 0.15,
+        "confounding": 1.0,
+    },
+}
+"""``--confounding`` levels of the synthetic faces -> ``SyntheticConfig`` fields.
+
+``strong`` is the generator's default (and the only setting of earlier releases): 48
+training people x 64 images, each person's labels within 0.15 of their own centre
+(about 87 % of the label variance lies between people), and skin, background, hair and
+light following that centre. ``partial`` (the default) and ``none`` have 96 people x 32
+images whose labels spread 0.3 around their centre, and appearance that follows the
+centre at half strength or not at all. Held-out people are never confounded."""
 SINKHORN_MODES = ("paper", "converged")
-OT_GRADS = ("none", "implicit", "unroll")
 
 RESUMABLE_OVERRIDES = frozenset(
     {
@@ -113,7 +138,23 @@ class TrainConfig:
             "(generated on first use)"
         ),
     )
-    image_size: int = field(default=64, metadata=_help("network input side in pixels"))
+    confounding: str = field(
+        default="partial",
+        metadata=_help(
+            "synthetic data: how much a training identity's labels and appearance go "
+            "together: none, partial or strong (the faces of earlier releases); see "
+            "elim.config.CONFOUNDING_LEVELS. Held-out identities are never confounded",
+            choices=tuple(CONFOUNDING_LEVELS),
+        ),
+    )
+    validation_identities: int = field(
+        default=0,
+        metadata=_help(
+            "evaluate on the last N TRAINING identities (trained without them) instead of "
+            "the held-out ones: for choosing a recipe without looking at the test set"
+        ),
+    )
+    image_size: int = field(default=32, metadata=_help("network input side in pixels"))
     domain: str = field(
         default="auto",
         metadata=_help(
@@ -145,17 +186,30 @@ class TrainConfig:
         ),
     )
     # ----------------------------------------------------------------- model
-    backbone: str = field(default="alexnet", metadata=_help("encoder f_phi", choices=BACKBONES))
+    backbone: str = field(
+        default="cnn",
+        metadata=_help(
+            "encoder f_phi: cnn (a small CNN for CPU training from scratch), or the "
+            "paper's alexnet, resnet18, mixer",
+            choices=BACKBONES,
+        ),
+    )
     feature_dim: int = field(default=64, metadata=_help("feature size D"))
     pretrained: str | None = field(
         default=None, metadata=_help("local state_dict of the torchvision/timm backbone")
     )
     # ----------------------------------------------------------------- batches
-    batch_size: int = field(default=32, metadata=_help("images per step and process: P x K"))
-    samples_per_identity: int = field(
-        default=4, metadata=_help("K of the P x K identity-aware sampler")
+    batch_size: int = field(default=120, metadata=_help("images per step and process: P x K"))
+    samples_per_identity: int | None = field(
+        default=None,
+        metadata=_help(
+            "K of the P x K identity-aware sampler; default 12, or as many as it takes to "
+            "fit the data's domains (5 age groups with --domain age: 5 x batch/5)"
+        ),
     )
-    epochs: int = field(default=3, metadata=_help("passes over the training images"))
+    epochs: int = field(
+        default=60, metadata=_help("passes over the training images (60 x 25 = 1500 iterations)")
+    )
     max_steps: int | None = field(
         default=None, metadata=_help("stop after this many iterations (overrides --epochs)")
     )
@@ -180,16 +234,16 @@ class TrainConfig:
         default="none",
         metadata=_help(
             "none: the shift is computed from detached features (released code); "
-            "implicit/unroll: differentiate through the solver",
-            choices=OT_GRADS,
+            "implicit/envelope/unroll: differentiate through the solver",
+            choices=SOLVER_GRADS,
         ),
     )
     ot_backend: str = field(
-        default="torch",
+        default="auto",
         metadata=_help(
-            "solver backend; auto/native may compile the C++ extension on first use "
-            "(minutes), for no gain on ELIM's tiny problems",
-            choices=("auto", "torch", "native"),
+            "solver backend of the matching: auto (the native kernels, built on first "
+            "use, else torch), torch or native",
+            choices=SOLVER_BACKENDS,
         ),
     )
     shift: str = field(
@@ -228,7 +282,7 @@ class TrainConfig:
         default=8, metadata=_help("elim-attention: heads of both MHA layers (divide D)")
     )
     # ----------------------------------------------------------------- optimiser
-    lr: float = field(default=1e-3, metadata=_help("Adam lr of the encoder"))
+    lr: float = field(default=2e-3, metadata=_help("Adam lr of the encoder"))
     projector_lr_mult: float = field(
         default=0.2, metadata=_help("projector lr = this x --lr (released code: 0.2)")
     )
@@ -242,18 +296,22 @@ class TrainConfig:
     betas: tuple[float, float] = field(default=(0.5, 0.99), metadata=_help("Adam betas"))
     weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
     milestones: tuple[int, ...] = field(
-        default=(500, 2500, 5000, 7500, 10000),
-        metadata=_help("MultiStepLR milestones, in iterations"),
+        default=(1000, 1300),
+        metadata=_help(
+            "MultiStepLR milestones, in iterations (released code: 500, 2500, 5000, "
+            "7500, 10000 over a longer run)"
+        ),
     )
-    gamma: float = field(default=0.8, metadata=_help("MultiStepLR factor"))
+    gamma: float = field(default=0.3, metadata=_help("MultiStepLR factor (released code: 0.8)"))
     # ----------------------------------------------------------------- run
     seed: int = field(default=0, metadata=_help("seed of weights, batches, augmentation, matching"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     threads: int = field(
-        default=0,
+        default=1,
         metadata=_help(
-            "torch CPU threads per process; 0 = this process's share of the idle cores "
-            "(cores / processes, less the load average)"
+            "torch CPU threads per process. Fixed (not taken from the machine's load) "
+            "because the thread count changes the order of float sums, hence the numbers: "
+            "the same command gives the same metrics at any load"
         ),
     )
     out: str | None = field(
@@ -264,9 +322,9 @@ class TrainConfig:
         metadata=_help("checkpoint to continue from; '--resume' alone = OUT/checkpoint.pt"),
     )
     eval_every: int = field(
-        default=100, metadata=_help("also evaluate every N iterations; 0 = only at the end")
+        default=250, metadata=_help("also evaluate every N iterations; 0 = only at the end")
     )
-    ckpt_every: int = field(default=100, metadata=_help("checkpoint every N iterations"))
+    ckpt_every: int = field(default=250, metadata=_help("checkpoint every N iterations"))
     log_every: int = field(default=1, metadata=_help("write the step log every N iterations"))
     plots: bool = field(default=True, metadata=_help("save the scatter and curve plots"))
     progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
@@ -286,15 +344,21 @@ class TrainConfig:
             ("data", DATA_KINDS),
             ("backbone", BACKBONES),
             ("sinkhorn", SINKHORN_MODES),
-            ("ot_grad", OT_GRADS),
+            ("ot_grad", SOLVER_GRADS),
+            ("ot_backend", SOLVER_BACKENDS),
+            ("confounding", tuple(CONFOUNDING_LEVELS)),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
-        positive = ("image_size", "feature_dim", "batch_size", "samples_per_identity", "epochs")
+        positive = ("image_size", "feature_dim", "batch_size", "epochs")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.samples_per_identity:
+        if self.samples_per_identity is not None and self.samples_per_identity < 1:
+            raise ValueError(
+                f"`samples_per_identity` must be >= 1, got {self.samples_per_identity}"
+            )
+        if self.samples_per_identity is not None and self.batch_size % self.samples_per_identity:
             raise ValueError(
                 f"`batch_size` ({self.batch_size}) must be a multiple of "
                 f"`samples_per_identity` ({self.samples_per_identity}): batches are P x K"
@@ -303,10 +367,10 @@ class TrainConfig:
             raise ValueError(f"`max_steps` must be >= 0, got {self.max_steps}")
         if self.num_domains < 2:
             raise ValueError(f"`num_domains` must be >= 2, got {self.num_domains}")
-        for name in ("top_k", "eval_every", "workers", "threads", "ramp_start"):
+        for name in ("top_k", "eval_every", "workers", "ramp_start", "validation_identities"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        for name in ("ckpt_every", "log_every"):
+        for name in ("ckpt_every", "log_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.ramp_end < max(self.ramp_start, 1):
@@ -334,11 +398,6 @@ class TrainConfig:
             )
         if not self.attention_lr_mult > 0:
             raise ValueError(f"`attention_lr_mult` must be > 0, got {self.attention_lr_mult}")
-
-    @property
-    def identities_per_batch(self) -> int:
-        """``P = batch_size / K``."""
-        return self.batch_size // self.samples_per_identity
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists), as stored in checkpoints."""
@@ -492,3 +551,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     for key, value in args.items():
         values[key] = tuple(value) if isinstance(value, list) else value
     return TrainConfig(**values), set(values)
+
+
+def matching_config(cfg: TrainConfig):
+    """The :class:`elim.matching.MatchingConfig` of a training config.
+
+    ``--ot-grad none`` keeps the released code's detached shift; any other mode
+    computes the shift from the live features and differentiates through the solver.
+
+    Example:
+        >>> m = matching_config(TrainConfig(sinkhorn="converged"))
+        >>> m.method, m.tol, m.backend, m.detach_shift
+        ('log', 1e-05, 'auto', True)
+    """
+    from .matching import MatchingConfig  # deferred: it imports the solver
+
+    base = MatchingConfig.paper() if cfg.sinkhorn == "paper" else MatchingConfig.converged()
+    return MatchingConfig(
+        num_domains=cfg.num_domains,
+        top_k=cfg.top_k or None,
+        gumbel_temperature=cfg.gumbel_temperature,
+        eps=cfg.ot_eps,
+        method=base.method,
+        max_iter=cfg.ot_iters or base.max_iter,
+        tol=None if cfg.sinkhorn == "paper" else cfg.ot_tol,
+        grad=cfg.ot_grad,
+        shift=cfg.shift,
+        mass=cfg.mass,
+        detach_shift=cfg.ot_grad == "none",
+        backend=cfg.ot_backend,
+    )

@@ -8,7 +8,6 @@ helper here also works, as a no-op, in a single process.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -21,7 +20,6 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "cleanup",
-    "default_threads",
     "gather_rows",
     "replicas_in_sync",
     "resolve_device",
@@ -72,33 +70,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
-
-
-def default_threads(processes: int = 1, cores: int | None = None, load: float | None = None) -> int:
-    """CPU threads per process: this process's share of the cores that are not busy.
-
-    ``cores // processes``, reduced by the machine's 1-minute load average so that a
-    shared machine is not oversubscribed: with more runnable threads than cores, every
-    OpenMP region waits for descheduled threads, and the many small operations of the
-    ELIM step become 10-50x slower (measured on 2 shared cores). Always at least 1.
-
-    Args:
-        processes: processes of this job on this machine (torchrun's local world size).
-        cores: CPU cores; default ``os.cpu_count()``.
-        load: load average; default ``os.getloadavg()[0]`` (0 where unavailable).
-
-    Example:
-        >>> default_threads(1, cores=2, load=0.9), default_threads(1, cores=2, load=5.0)
-        (2, 1)
-        >>> default_threads(2, cores=16, load=3.0)
-        8
-    """
-    cores = cores or os.cpu_count() or 1
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    share = max(1, cores // max(processes, 1))
-    free = cores - math.floor(load)  # cores fully busy with other work
-    return max(1, min(share, free))
 
 
 def setup(device: str = "auto") -> DistInfo:

@@ -44,12 +44,14 @@ import torch
 import torch.nn.functional as F
 
 import sinkhorn_ot
+from sinkhorn_ot._validation import BACKENDS, GRADS, METHODS
 
 __all__ = [
     "DomainGroups",
     "GumbelTopK",
     "MatchedBatch",
     "MatchingConfig",
+    "MatchingSets",
     "choose_domains",
     "elim_matching_step",
     "group_by_domain",
@@ -57,14 +59,12 @@ __all__ = [
     "ot_id_shift",
     "pairwise_cost",
     "relevance_weights",
+    "sample_sets",
     "shift_and_normalize",
 ]
 
-_METHODS = ("kernel", "log", "auto")
-_GRADS = ("none", "implicit", "envelope", "unroll")
 _SHIFTS = ("vector", "scalar")
 _MASSES = ("target", "unit", "reference")
-_BACKENDS = ("auto", "torch", "native")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -97,9 +97,8 @@ class MatchingConfig:
         detach_shift: compute the shift from detached features (the reference code);
             only the normalised features then carry gradient to the encoder.
         rms_eps: the ``1e-6`` added to the RMS in the normalisation.
-        backend: the solver's backend. ``"auto"`` may build the native extension on
-            first use (minutes on a small CPU); ELIM's problems are tiny (``k x k``),
-            so ``"torch"`` costs next to nothing and never builds anything.
+        backend: the solver's backend: ``"auto"`` (the native kernels, built on first
+            use, else torch), ``"torch"`` or ``"native"``.
 
     Example:
         >>> MatchingConfig().method, MatchingConfig.converged().tol
@@ -139,11 +138,11 @@ class MatchingConfig:
             raise ValueError(f"`tol` must be None or > 0, got {self.tol}")
         if not self.rms_eps >= 0:
             raise ValueError(f"`rms_eps` must be >= 0, got {self.rms_eps}")
-        _check_choice("method", self.method, _METHODS)
-        _check_choice("grad", self.grad, _GRADS)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("grad", self.grad, GRADS)
         _check_choice("shift", self.shift, _SHIFTS)
         _check_choice("mass", self.mass, _MASSES)
-        _check_choice("backend", self.backend, _BACKENDS)
+        _check_choice("backend", self.backend, BACKENDS)
 
     @classmethod
     def paper(cls, **overrides: object) -> MatchingConfig:
@@ -495,6 +494,106 @@ def shift_and_normalize(z: torch.Tensor, mu: torch.Tensor, eps: float = 1e-6) ->
     return centred / (rms + eps)
 
 
+class MatchingSets(NamedTuple):
+    """The domains one ELIM step matches: batch positions, reference first.
+
+    Attributes:
+        reference: ``(n,)`` batch positions of the reference identity's kept samples.
+        targets: ``(T, m)`` batch positions of each target identity's kept samples,
+            real ones first, 0 at padding.
+        target_mask: ``(T, m)`` bool, ``True`` for real samples.
+        domain_ids: the ids of the chosen domains, reference first.
+    """
+
+    reference: torch.Tensor
+    targets: torch.Tensor
+    target_mask: torch.Tensor
+    domain_ids: list[Hashable]
+
+    def assemble(
+        self,
+        reference: torch.Tensor,
+        targets: torch.Tensor,
+        shift: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> MatchedBatch:
+        """Reference features and normalised targets in one padded :class:`MatchedBatch`.
+
+        Args:
+            reference: ``(n, D)`` reference features (used as they are).
+            targets: ``(T, m, D)`` shifted, RMS-normalised target features.
+            shift: ``(T, m)`` the shift of each target sample.
+            labels: ``(B, 2)`` labels of the whole batch.
+        """
+        n, (t, m) = len(self.reference), self.target_mask.shape
+        width = max(n, m)
+        device = self.targets.device
+        index = torch.zeros(t + 1, width, dtype=self.targets.dtype, device=device)
+        mask = torch.zeros(t + 1, width, dtype=torch.bool, device=device)
+        index[0, :n], mask[0, :n] = self.reference, True
+        index[1:, :m], mask[1:, :m] = self.targets, self.target_mask
+        features = torch.cat(
+            [
+                F.pad(reference, (0, 0, 0, width - n)).unsqueeze(0),
+                F.pad(targets, (0, 0, 0, width - m)),
+            ]
+        ).masked_fill(~mask.unsqueeze(-1), 0.0)
+        return MatchedBatch(
+            features,
+            labels[index].masked_fill(~mask.unsqueeze(-1), 0.0),
+            mask,
+            F.pad(shift, (0, width - m)).masked_fill(~mask[1:], 0.0),
+            index,
+            list(self.domain_ids),
+        )
+
+
+def sample_sets(
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor | Sequence[Hashable],
+    config: MatchingConfig,
+    generator: torch.Generator | None = None,
+) -> MatchingSets | None:
+    """ID grouping, the domain draw and Gumbel top-k of one mini-batch.
+
+    Groups the batch by domain, draws ``config.num_domains`` of them (the first is the
+    reference) and keeps at most ``config.top_k`` samples of each by Gumbel top-k
+    (Algorithm 3). The random draws use ``generator``: domains first, then the noise.
+
+    Args:
+        labels: ``(B, 2)`` valence/arousal.
+        domain_ids: ``(B,)`` identity (or age-group) ids, a tensor or a sequence.
+        config: matching settings (``num_domains``, ``top_k``, ``gumbel_temperature``).
+        generator: CPU generator.
+
+    Returns:
+        :class:`MatchingSets`, or ``None`` if the batch holds fewer than two domains.
+
+    Example:
+        >>> y, ids = torch.rand(12, 2), torch.arange(12) // 4  # 3 identities x 4 images
+        >>> sets = sample_sets(y, ids, MatchingConfig(num_domains=3, top_k=2))
+        >>> sets.reference.shape, sets.targets.shape
+        (torch.Size([2]), torch.Size([2, 2]))
+    """
+    if labels.dim() != 2 or labels.shape[1] != 2:
+        raise ValueError(f"`labels` must have shape (B, 2), got {tuple(labels.shape)}")
+    groups = group_by_domain(labels, labels, domain_ids)
+    if len(groups.ids) < 2:
+        return None
+    chosen = choose_domains(len(groups.ids), config.num_domains, generator).tolist()
+    # Padded (E, L) batch positions: all later steps gather from the batch with these.
+    index, mask = _pad_indices([groups.indices[c] for c in chosen])
+    if config.top_k is not None:
+        keep = gumbel_topk(
+            labels[index], mask, config.top_k, generator, config.gumbel_temperature
+        ).keep
+        index, mask = _compact(index, keep)
+    n_ref = int(mask[0].sum())
+    # Re-trim the targets alone: the reference may have been the widest set.
+    targets, target_mask = _compact(index[1:], mask[1:])
+    return MatchingSets(index[0, :n_ref], targets, target_mask, [groups.ids[c] for c in chosen])
+
+
 @dataclass(frozen=True)
 class MatchedBatch:
     """Output of :func:`elim_matching_step`: the chosen domains, padded.
@@ -552,50 +651,16 @@ def elim_matching_step(
         (torch.Size([3, 2, 8]), [2, 2, 2])
     """
     config = MatchingConfig() if config is None else config
-    groups = group_by_domain(features, labels, domain_ids)
-    if len(groups.ids) < 2:
+    if features.dim() != 2:
+        raise ValueError(f"`features` must have shape (B, D), got {tuple(features.shape)}")
+    sets = sample_sets(labels, domain_ids, config, generator)
+    if sets is None:
         return None
-    chosen = choose_domains(len(groups.ids), config.num_domains, generator).tolist()
-    # Padded (E, L) batch positions: all later steps gather from the batch with these.
-    index, mask = _pad_indices([groups.indices[c] for c in chosen])
-
-    if config.top_k is not None:
-        keep = gumbel_topk(
-            labels[index], mask, config.top_k, generator, config.gumbel_temperature
-        ).keep
-        index, mask = _compact(index, keep)
-
     source = features.detach() if config.detach_shift else features
-    n_ref = int(mask[0].sum())
-    ref, ref_src = features[index[0, :n_ref]], source[index[0, :n_ref]]
-    # Re-trim the targets alone: the reference may have been the widest set.
-    t_index, t_mask = _compact(index[1:], mask[1:])
-    tgt, tgt_src = features[t_index], source[t_index]
-
+    ref_src, tgt_src = source[sets.reference], source[sets.targets]
     if attention is None:
-        mu = ot_id_shift(ref_src, tgt_src, t_mask, config)
+        mu = ot_id_shift(ref_src, tgt_src, sets.target_mask, config)
     else:
-        mu = attention(ref_src, tgt_src, t_mask)
-    z_hat = shift_and_normalize(tgt, mu, config.rms_eps)
-
-    width = max(n_ref, t_mask.shape[1])
-    out_index = torch.zeros(len(chosen), width, dtype=index.dtype, device=index.device)
-    out_mask = torch.zeros(len(chosen), width, dtype=torch.bool, device=index.device)
-    out_index[0, :n_ref], out_mask[0, :n_ref] = index[0, :n_ref], True
-    out_index[1:, : t_mask.shape[1]], out_mask[1:, : t_mask.shape[1]] = t_index, t_mask
-    out_feats = torch.cat(
-        [
-            F.pad(ref, (0, 0, 0, width - n_ref)).unsqueeze(0),
-            F.pad(z_hat, (0, 0, 0, width - t_mask.shape[1])),
-        ]
-    ).masked_fill(~out_mask.unsqueeze(-1), 0.0)
-    out_labels = labels[out_index].masked_fill(~out_mask.unsqueeze(-1), 0.0)
-    shift = F.pad(mu, (0, width - t_mask.shape[1])).masked_fill(~out_mask[1:], 0.0)
-    return MatchedBatch(
-        out_feats,
-        out_labels,
-        out_mask,
-        shift,
-        out_index,
-        [groups.ids[c] for c in chosen],
-    )
+        mu = attention(ref_src, tgt_src, sets.target_mask)
+    z_hat = shift_and_normalize(features[sets.targets], mu, config.rms_eps)
+    return sets.assemble(features[sets.reference], z_hat, mu, labels)

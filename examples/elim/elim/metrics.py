@@ -21,8 +21,12 @@ Conventions:
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import nn
 
-__all__ = ["ccc", "pcc", "rmse", "sagr", "va_metrics"]
+from .data.base import normalize
+
+__all__ = ["ccc", "evaluate", "identity_share", "pcc", "predict", "rmse", "sagr", "va_metrics"]
 
 
 def _as_float64(name: str, x: object) -> np.ndarray:
@@ -154,3 +158,99 @@ def va_metrics(pred: object, target: object) -> dict[str, float]:
         out[f"{name}_v"] = fn(p[:, 0], t[:, 0])
         out[f"{name}_a"] = fn(p[:, 1], t[:, 1])
     return out
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset,
+    indices: torch.Tensor,
+    images: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and labels ``(n, 2)`` of ``dataset[indices]``, in eval mode.
+
+    Args:
+        model: the (possibly DDP-wrapped) :class:`elim.models.ELIMModel`.
+        dataset: evaluation dataset (centre-cropped uint8 images).
+        indices: which samples (this rank's shard).
+        images: cached ``(N, 3, S, S)`` uint8 images or ``None`` (DataLoader).
+        device: where to run.
+        batch_size: evaluation batch size.
+        workers: DataLoader workers when not cached.
+    """
+    core = getattr(model, "module", model)
+    was_training = core.training
+    core.eval()
+    preds = []
+    if images is not None:
+        chunks = (images[idx] for idx in indices.split(batch_size))
+    else:
+        subset = torch.utils.data.Subset(dataset, indices.tolist())
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
+        chunks = (x for x, _, _ in loader)
+    for x in chunks:
+        preds.append(core(normalize(x.to(device)))[1].float().cpu())
+    core.train(was_training)
+    out = torch.cat(preds) if preds else torch.zeros(0, 2)
+    return out, dataset.labels[indices]
+
+
+def evaluate(
+    model: nn.Module,
+    dataset,
+    images: torch.Tensor | None,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Metrics over the WHOLE held-out set, each rank predicting a strided shard.
+
+    Returns:
+        ``(metrics, predictions, labels)``; predictions and labels ``(N, 2)`` are
+        gathered from every rank and put back in dataset order, so every rank returns
+        the same metrics.
+    """
+    from .distributed import gather_rows
+
+    shard = torch.arange(rank, len(dataset), world_size)
+    pred, true = predict(model, dataset, shard, images, device, workers=workers)
+    order = gather_rows(shard.to(device)).cpu().argsort()
+    pred = gather_rows(pred.to(device)).cpu()[order]
+    true = gather_rows(true.to(device)).cpu()[order]
+    return va_metrics(pred, true), pred, true
+
+
+def identity_share(values: torch.Tensor, identities: torch.Tensor) -> list[float]:
+    """Share of the variance of each column that lies *between* identities (eta squared).
+
+    On held-out identities whose labels do not depend on who they are, the labels'
+    share is near 0; a regressor that relies on identity cues (skin, hair, background)
+    makes predictions that are nearly constant per identity, so their share is large.
+    This is the diagnostic of identity shortcuts reported in ``eval_log.jsonl``.
+
+    Args:
+        values: ``(N, C)`` predictions or labels.
+        identities: ``(N,)`` integer identity of each row.
+
+    Returns:
+        ``C`` shares in [0, 1] (0 for a constant column).
+
+    Example:
+        >>> ids = torch.tensor([0, 0, 1, 1])
+        >>> identity_share(torch.tensor([[1.0], [1.0], [3.0], [3.0]]), ids)
+        [1.0]
+        >>> identity_share(torch.tensor([[1.0], [3.0], [1.0], [3.0]]), ids)
+        [0.0]
+    """
+    values = values.double()
+    _, codes = torch.unique(identities, return_inverse=True)
+    count = torch.bincount(codes).double().unsqueeze(1)  # (E, 1)
+    sums = torch.zeros(count.shape[0], values.shape[1], dtype=values.dtype)
+    means = sums.index_add(0, codes, values) / count  # (E, C)
+    total = (values - values.mean(0)).pow(2).sum(0)
+    between = (count * (means - values.mean(0)).pow(2)).sum(0)
+    return [float(b / t) if t > 0 else 0.0 for b, t in zip(between, total)]

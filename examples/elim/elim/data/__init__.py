@@ -1,6 +1,8 @@
 """Data layer of the ELIM example: datasets, converters and identity-aware samplers.
 
-Every dataset yields ``(image (3, H, W) float, label (2,) float in [-1, 1], domain int)``
+Every dataset yields ``(image (3, H, W), label (2,) float in [-1, 1], domain int)``, the
+image uint8 from :func:`make_transform` (the one image pipeline: the released resize,
+then :func:`elim.data.base.augment` and :func:`elim.data.base.normalize` per batch),
 and exposes ``identities`` (``(N,)`` int64 domain ids), ``identity_names``, ``labels``
 (``(N, 2)``), ``ages`` (``(N,)`` or ``None``) and ``domain_kind``. Use
 :func:`build_datasets` to get a train/eval pair for any source.
@@ -76,8 +78,9 @@ def build_datasets(
             converted into ``converted_root``) or ``"affectnet"`` (``root`` holds
             ``training.csv``, ``validation.csv`` and the images).
         root: data folder, see ``kind``.
-        image_size: side of the network input; images are resized/cropped to it with
-            :func:`make_transform` (train: random crop + flip; eval: centre crop).
+        image_size: side of the network input; images are resized with
+            :func:`make_transform` (train: ``round(S * 256/224)`` square, for the random
+            crop of :func:`elim.data.base.augment`; eval: the centre ``S x S`` crop).
         domain: what ``identities`` holds: ``"identity"``, ``"age"`` (ELIM-Age: 5 age
             groups; needs ages), ``"image"`` (AffectNet only) or ``"auto"`` (identity
             where the source has identities, else age group if ages are given, else image).
@@ -105,7 +108,7 @@ def build_datasets(
         >>> train, test = build_datasets("synthetic", tempfile.mkdtemp(), 32,
         ...                              synthetic_config=cfg, num_workers=0)
         >>> len(train), train.labels.shape, train[0][0].shape, train.domain_kind
-        (6, torch.Size([6, 2]), torch.Size([3, 32, 32]), 'identity')
+        (6, torch.Size([6, 2]), torch.Size([3, 37, 37]), 'identity')
     """
     if kind not in DATA_KINDS:
         raise ValueError(f"`kind` must be one of {DATA_KINDS}, got {kind!r}")

@@ -1,13 +1,17 @@
-"""The uniform dataset interface shared by every ELIM data source, and its transforms.
+"""The uniform dataset interface shared by every ELIM data source, and the image pipeline.
 
-Each dataset yields ``(image, label, domain)`` with ``image`` a ``(3, H, W)`` float
-tensor, ``label`` a ``(2,)`` float tensor ``(valence, arousal)`` in ``[-1, 1]`` and
+The pipeline has one deterministic half, :func:`make_transform` (decode, resize,
+centre-crop; uint8), applied per image by every dataset, and one random half,
+:func:`augment` (random crop, flip) then :func:`normalize`, applied per batch on the
+device. Each dataset yields ``(image, label, domain)`` with ``image`` a ``(3, H, W)``
+tensor (uint8 with :func:`make_transform`, float without a transform), ``label`` a ``(2,)`` float tensor ``(valence, arousal)`` in ``[-1, 1]`` and
 ``domain`` an ``int``, and exposes the per-sample arrays the samplers and the matching
 need without touching any image: ``identities``, ``identity_names``, ``labels``, ``ages``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,59 +28,48 @@ DOMAIN_KINDS = ("identity", "age_group", "image")
 (a source without identity labels, e.g. AffectNet without ages)."""
 
 
-def make_transform(
-    image_size: int,
-    *,
-    train: bool,
-    resize_ratio: float = 256 / 224,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    flip: bool = True,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Image pipeline of the released code, scaled to ``image_size``.
+RESIZE_RATIO = 256 / 224
+"""Resize-to-crop ratio of the released pipeline (resize 256, crop 224)."""
 
-    Training: resize the short side to ``round(image_size * resize_ratio)`` (256 for 224),
-    random crop ``image_size``, random horizontal flip (valence and arousal are
-    mirror-invariant), scale to ``[0, 1]`` and normalise. Evaluation: the same resize and
-    a centre crop.
+
+def make_transform(image_size: int, *, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The deterministic half of the released image pipeline, scaled to ``image_size``.
+
+    Resize the short side to ``R = round(image_size * 256/224)`` and centre-crop: to
+    ``R x R`` for training (the random ``image_size`` crop and the flip are applied per
+    batch by :func:`augment`, from an explicit generator) and to ``image_size`` for
+    evaluation. Images stay uint8 (4x less memory when cached); :func:`normalize` scales
+    and ImageNet-normalises them on the device. This is the only image pipeline: every
+    data source, the cache and the DataLoader path go through it, so a cached and a
+    streamed run see the same pixels.
 
     Args:
-        image_size: output side length.
-        train: random crop and flip when true, centre crop when false.
-        resize_ratio: resize-to-crop ratio, ``>= 1``.
-        mean: per-channel normalisation mean; ``None`` skips normalisation.
-        std: per-channel normalisation std.
-        flip: enable the random horizontal flip in training.
+        image_size: network input side.
+        train: keep the ``R x R`` resize for random cropping, else centre-crop.
 
     Returns:
-        A callable mapping a PIL image to a ``(3, image_size, image_size)`` float tensor.
+        A callable mapping a PIL image to a ``(3, R, R)`` or ``(3, S, S)`` uint8 tensor.
 
     Example:
         >>> from PIL import Image
-        >>> t = make_transform(32, train=True)
-        >>> t(Image.new("RGB", (50, 40))).shape
-        torch.Size([3, 32, 32])
+        >>> make_transform(32, train=True)(Image.new("RGB", (50, 40))).shape
+        torch.Size([3, 37, 37])
+        >>> make_transform(32, train=False)(Image.new("RGB", (50, 40))).dtype
+        torch.uint8
     """
     from torchvision.transforms import v2  # deferred: importing torchvision takes seconds
 
-    if not isinstance(image_size, int) or image_size < 1:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"`image_size` must be an integer >= 1, got {image_size!r}")
-    if resize_ratio < 1:
-        raise ValueError(f"`resize_ratio` must be >= 1, got {resize_ratio}")
-    steps: list[Callable] = [
-        v2.ToImage(),
-        v2.Resize(round(image_size * resize_ratio), antialias=True),
-    ]
-    if train:
-        steps.append(v2.RandomCrop(image_size))
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-    else:
-        steps.append(v2.CenterCrop(image_size))
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    if mean is not None:
-        steps.append(v2.Normalize(list(mean), list(std if std is not None else (1.0, 1.0, 1.0))))
-    return v2.Compose(steps)
+    side = round(image_size * RESIZE_RATIO)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(side, antialias=True),
+            v2.CenterCrop(side if train else image_size),
+            v2.ToPureTensor(),
+        ]
+    )
 
 
 def to_tensor_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -134,6 +127,25 @@ class VADataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, indices: Sequence[int], transform=None) -> VADataset:
+        """A dataset of the samples ``indices`` (same domain ids and names).
+
+        Args:
+            indices: positions to keep, in order.
+            transform: the subset's transform; default this dataset's.
+        """
+        part = copy.copy(self)
+        idx = np.asarray(indices, dtype=np.int64)
+        part.paths = [self.paths[i] for i in idx]
+        part.labels = self.labels[idx]
+        part.identities = self.identities[idx]
+        part.ages = None if self.ages is None else self.ages[idx]
+        part._rows = self._rows[idx]
+        part._crop_boxes = None if self._crop_boxes is None else self._crop_boxes[idx]
+        if transform is not None:
+            part.transform = transform
+        return part
+
     def location(self, index: int) -> str:
         """``'<source file>, row <n> (line <m>)'`` of sample ``index``, for messages."""
         row, line = self._rows[index]
@@ -156,3 +168,45 @@ class VADataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.transform(self.load_image(index))
         return image, self.labels[index], int(self.identities[index])
+
+
+def augment(images: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True):
+    """Random ``size x size`` crop and horizontal flip of each image of a batch.
+
+    Args:
+        images: ``(B, C, H, W)``, any dtype, ``H, W >= size``.
+        size: crop side.
+        generator: CPU generator: the only source of randomness, so the result is a
+            pure function of its state.
+        flip: flip each image with probability 1/2 (valence and arousal are
+            mirror-invariant).
+
+    Returns:
+        ``(B, C, size, size)``, same dtype and device as ``images``.
+
+    Example:
+        >>> x = torch.arange(2 * 1 * 4 * 4).reshape(2, 1, 4, 4)
+        >>> augment(x, 2, torch.Generator().manual_seed(0)).shape
+        torch.Size([2, 1, 2, 2])
+    """
+    b, c, h, w = images.shape
+    if h < size or w < size:
+        raise ValueError(f"`images` of size {h}x{w} cannot be cropped to {size}x{size}")
+    top = torch.randint(0, h - size + 1, (b,), generator=generator)
+    left = torch.randint(0, w - size + 1, (b,), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    dev = images.device
+    span = torch.arange(size, device=dev)
+    rows = (top.to(dev)[:, None] + span)[:, None, :, None]  # (B, 1, S, 1)
+    cols = (left.to(dev)[:, None] + span)[:, None, None, :]  # (B, 1, 1, S)
+    cols = torch.where(flips.to(dev)[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(b, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
+    return images[batch, chan, rows, cols]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float, scaled to [0, 1] and ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
