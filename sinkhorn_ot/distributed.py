@@ -13,6 +13,10 @@
   blocks of points along a ring (:meth:`sinkhorn_ot._collectives.Ranks.ring`), so no
   rank ever holds more than two blocks of either cloud.
 
+Relaxed marginals (``rho_a``, ``rho_b``, rows sharded only) damp the combined
+half-steps and stop on the potentials change, a maximum over ranks (one more all-reduce
+per iteration, :func:`solve_sharded`).
+
 Nothing gathers the cost, the plan or the points. The stopping rule, the eps table, the
 padded-row completion and the result are the single-process ones (``_loop``,
 ``solver``), fed with sums over ranks.

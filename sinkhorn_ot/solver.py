@@ -97,7 +97,8 @@ def sinkhorn(
             or a ``(B,)`` tensor ``> 0`` adds ``rho * KL(P 1 | a)`` (resp. ``P^T 1 | b``,
             generalised KL) to the objective instead. Relaxed problems need no equal
             masses, keep their potentials unnormalised, report ``value`` = the full
-            objective (from the duals) and stop on ``stop="potentials"``.
+            objective (from the duals) and stop on ``stop="potentials"``. With
+            ``group``: rows sharded only, ``grad="envelope"``/``"none"``.
         stop: the stopping rule. ``"marginals"`` (the relative L1 marginal violation
             above; the default of balanced problems) or ``"potentials"``: the sup-norm
             change of the row potential over one iteration relative to eps, ``max_i
