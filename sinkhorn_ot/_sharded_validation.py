@@ -15,12 +15,15 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from . import _unbalanced as ub
 from . import _validation as v
 from ._collectives import Ranks, SumGradients, SumOverRanks
 from .geometry import DenseCost, Geometry, PointCloud, as_geometry
 
 #: Arguments that must be the same on every rank (else the ranks' loops would diverge).
-_SHARED_SETTINGS = ("method", "grad", "max_iter", "tol", "eps_scaling", "backend", "shard_y")
+_SHARED_SETTINGS = (
+    "method", "grad", "max_iter", "tol", "eps_scaling", "backend", "shard_y", "stop"
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class ShardedProblem:
     mass: torch.Tensor  # (B,) float64, over all ranks
     batched: bool
     offset: torch.Tensor | None = None  # (B,) taken off a dense cost before solving
+    rho: torch.Tensor | None = None  # (B, 2) relaxation (rho_a, rho_b), inf = hard
 
 
 def _local_checks(C, a, b, eps, init, settings):
@@ -81,12 +85,24 @@ def _local_checks(C, a, b, eps, init, settings):
     )
     checks.run()
     warm = v.check_init(init, batch, n, m, batched, ref)
+    rho = ub.relaxation(
+        ub.check_rho("rho_a", settings["rho_a"], batch, batched, ref),
+        ub.check_rho("rho_b", settings["rho_b"], batch, batched, ref),
+        batch,
+        dtype,
+        ref.device,
+    )
+    if rho is not None and settings["shard_y"]:
+        raise NotImplementedError(
+            "`rho_a`/`rho_b` (relaxed marginals) are not supported with shard_y=True yet; "
+            "replicate y (shard_y=False) for an unbalanced sharded solve"
+        )
     if isinstance(geometry, DenseCost):
         geometry = DenseCost(dense)
         geometry.batched = batched  # (the stored cost is batched; the outputs follow the input)
     else:
         geometry = geometry.with_points(geometry.x.to(dtype), geometry.y.to(dtype))
-    return geometry, a_b, b_b, eps_b, warm, dtype
+    return geometry, a_b, b_b, eps_b, warm, dtype, rho
 
 
 def _fingerprint(t: torch.Tensor | None) -> tuple | None:
@@ -97,12 +113,12 @@ def _fingerprint(t: torch.Tensor | None) -> tuple | None:
     return (tuple(t.shape), float(values.sum()), float((values * values).sum()))
 
 
-def _requires_grad(geometry, a, b, eps) -> tuple[bool, ...]:
+def _requires_grad(geometry, a, b, eps, rho) -> tuple[bool, ...]:
     tensors = [geometry.C] if isinstance(geometry, DenseCost) else [geometry.x, geometry.y]
-    return tuple(t is not None and t.requires_grad for t in (*tensors, a, b, eps))
+    return tuple(t is not None and t.requires_grad for t in (*tensors, a, b, eps, rho))
 
 
-def _describe(geometry, a, b, eps, warm, settings) -> dict:
+def _describe(geometry, a, b, eps, warm, rho, settings) -> dict:
     """What the other ranks must agree with (and this rank's sizes and masses)."""
     batch, n, m = geometry.shape
     point_cloud = isinstance(geometry, PointCloud)
@@ -117,7 +133,8 @@ def _describe(geometry, a, b, eps, warm, settings) -> dict:
         "whether `a` is given": a is not None,
         "whether `b` is given": b is not None,
         "whether `init` is given": warm is not None,
-        "which inputs require grad": _requires_grad(geometry, a, b, eps),
+        "which inputs require grad": _requires_grad(geometry, a, b, eps, rho),
+        "`rho_a`, `rho_b`": None if rho is None else tuple(map(tuple, rho.detach().tolist())),
         **{f"`{name}`": settings[name] for name in _SHARED_SETTINGS},
     }
     if point_cloud:
@@ -153,7 +170,8 @@ def _raise_collectively(ranks: Ranks, error: BaseException | None, report: dict 
     failed = [(rank, e) for rank, (e, _) in enumerate(outcomes) if e is not None]
     if failed:
         rank, first = failed[0]
-        kind = type(first) if isinstance(first, TypeError | ValueError) else RuntimeError
+        expected = TypeError | ValueError | NotImplementedError
+        kind = type(first) if isinstance(first, expected) else RuntimeError
         raise kind(f"sinkhorn(group=...) on rank {rank} of {ranks.size}: {first}") from (
             error if error is first else None
         )
@@ -178,7 +196,7 @@ def validate(C, a, b, eps, init, group, settings) -> ShardedProblem:
     error, report, pieces = None, None, None
     try:
         pieces = _local_checks(C, a, b, eps, init, settings)
-        report = _describe(*pieces[:5], settings)
+        report = _describe(*pieces[:5], pieces[6], settings)
     except Exception as caught:  # every rank must hear of it, whatever it is
         error = caught
     reports = _raise_collectively(ranks, error, report)
@@ -188,8 +206,10 @@ def validate(C, a, b, eps, init, group, settings) -> ShardedProblem:
 
 def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
     """Uniform weights, the mass check and the sharded geometry, from agreed reports."""
-    geometry, a_b, b_b, eps_b, warm, dtype = pieces
+    geometry, a_b, b_b, eps_b, warm, dtype, rho = pieces
     batch = geometry.shape[0]
+    # Equal masses are a constraint of balanced problems only (as in one process).
+    relaxed = ub.relaxed_problems(rho, batch, None).cpu() if rho is not None else None
     sizes = [report["sizes"] for report in reports]
     shard_y = settings["shard_y"]
     n_total = sum(n for n, _ in sizes)
@@ -214,7 +234,7 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
             )
     if mass_a is not None and mass_b is not None:
         as_weights = (mass_a.unsqueeze(-1).to(a_b.dtype), mass_b.unsqueeze(-1).to(b_b.dtype))
-        v.check_masses(*as_weights)
+        v.check_masses(*as_weights, relaxed=relaxed)
 
     # As solver's check_problem, with the sums over rows taken over ranks (differentiably:
     # b is rescaled to the mass of a, so a's gradient also flows through b).
@@ -234,7 +254,10 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
         a_b = (SumGradients.apply(mass, ranks) / n_total).expand(batch, geometry.shape[1])
     b_b = b_b if b_b is not None else (mass / m_total).expand(batch, geometry.shape[2])
     mass_a = row_total(a_b.sum(-1, dtype=torch.float64))
-    b_b = b_b * (mass_a / col_total(b_b.sum(-1, dtype=torch.float64))).to(dtype).unsqueeze(-1)
+    ratio = (mass_a / col_total(b_b.sum(-1, dtype=torch.float64))).to(dtype)
+    if relaxed is not None:  # relaxed problems keep their own masses (match_masses)
+        ratio = torch.where(relaxed.to(ratio.device), 1, ratio)
+    b_b = b_b * ratio.unsqueeze(-1)
     mass = mass_a.detach()
     offset = None
     if isinstance(geometry, DenseCost):
@@ -242,7 +265,7 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
         # potentials keep their digits), and padded entries get exactly zero gradient.
         from .solver import _mask_padding_gradient
 
-        offset = _cost_offset(geometry.C, a_b, b_b, ranks)
+        offset = _cost_offset(geometry.C, a_b, b_b, ranks, rho)
         solved = geometry.C if offset is None else geometry.C - offset.view(-1, 1, 1)
         geometry = DenseCost(_mask_padding_gradient(solved, a_b, b_b))
         if warm is not None and offset is not None:  # the warm start, in the shifted frame
@@ -252,11 +275,15 @@ def _assemble(pieces, reports, ranks: Ranks, settings) -> ShardedProblem:
     sharded = RingShards(geometry, ranks, sizes) if shard_y else RowShards(geometry, ranks)
     f0 = warm.to(dtype) if warm is not None else None
     batched = reports[0]["replicated"]["batched"]
-    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass.to(device), batched, offset)
+    mass = mass.to(device)
+    return ShardedProblem(sharded, a_b, b_b, eps_b, f0, mass, batched, offset, rho)
 
 
-def _cost_offset(C, a, b, ranks: Ranks) -> torch.Tensor | None:
-    """:func:`sinkhorn_ot._validation.cost_offset` over every rank's rows (one all-reduce)."""
+def _cost_offset(C, a, b, ranks: Ranks, rho=None) -> torch.Tensor | None:
+    """:func:`sinkhorn_ot._validation.cost_offset` over every rank's rows (one all-reduce).
+
+    Not for relaxed problems (``rho``): a shift of ``C`` changes how much they transport.
+    """
     real = (a > 0).unsqueeze(2) & (b > 0).unsqueeze(1)
     values = C.detach()
     high = torch.where(real, values, float("-inf")).amax(dim=(1, 2))
@@ -264,7 +291,7 @@ def _cost_offset(C, a, b, ranks: Ranks) -> torch.Tensor | None:
     high, negative_low = ranks.maximum(torch.stack([high, -low]))
     low = -negative_low
     centre = (high + low) / 2
-    shift = centre.abs() > (high - low)
+    shift = (centre.abs() > (high - low)) & ~ub.relaxed_problems(rho, C.shape[0], C.device)
     if not bool(shift.any()):
         return None
     return torch.where(shift, centre, 0)

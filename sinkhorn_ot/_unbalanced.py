@@ -142,24 +142,38 @@ def side_value(w: torch.Tensor, p: torch.Tensor, inv_rho: torch.Tensor) -> torch
     return (w * torch.where(hard, p, relaxed)).sum(-1)
 
 
-def dual_value(f, g, a, b, eps, rho, plan_mass) -> torch.Tensor:
+def dual_value(f, g, a, b, eps, rho, plan_mass, row_total=None) -> torch.Tensor:
     """The dual objective of relaxed problems, ``(B,)``: their ``value``.
 
     ``phi_a(f) + phi_b(g) - eps (sum P - sum a sum b)`` with ``phi`` of
     :func:`side_value`; at the optimum it equals the primal objective
     ``<C, P> + eps KL(P | a b^T) + rho_a KL(P 1 | a) + rho_b KL(P^T 1 | b)``.
+    ``row_total`` sums a sum over rows over ranks where ``f, a`` are one rank's rows
+    (``None``: all rows; ``plan_mass`` is then already the total).
     """
+    total = _itself if row_total is None else row_total
     inv = inverse(rho)
-    mass_ab = a.sum(-1) * b.sum(-1)
-    return side_value(a, f, inv[:, 0]) + side_value(b, g, inv[:, 1]) - eps * (plan_mass - mass_ab)
+    mass_ab = total(a.sum(-1)) * b.sum(-1)
+    phi_a = total(side_value(a, f, inv[:, 0]))
+    return phi_a + side_value(b, g, inv[:, 1]) - eps * (plan_mass - mass_ab)
 
 
-def hard_violation(rows, cols, a, b, rho) -> torch.Tensor:
-    """Relative L1 violation of the hard marginals only, float64 ``(B,)`` (0 if none)."""
+def _itself(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def hard_violation(rows, cols, a, b, rho, row_total=None) -> torch.Tensor:
+    """Relative L1 violation of the hard marginals only, float64 ``(B,)`` (0 if none).
+
+    ``row_total``: as in :func:`dual_value`, where ``rows, a`` are one rank's rows and
+    ``cols`` is this rank's share of the column sums.
+    """
+    total = _itself if row_total is None else row_total
     a64, b64 = a.detach().double(), b.detach().double()
-    gap_rows = (rows - a64).abs().sum(-1)
+    cols = total(cols)
+    gap_rows = total((rows - a64).abs().sum(-1))
     gap_cols = (cols - b64).abs().sum(-1)
     hard = torch.isinf(rho.detach())
-    return torch.where(hard[:, 0], gap_rows / a64.sum(-1), 0) + torch.where(
+    return torch.where(hard[:, 0], gap_rows / total(a64.sum(-1)), 0) + torch.where(
         hard[:, 1], gap_cols / b64.sum(-1), 0
     )

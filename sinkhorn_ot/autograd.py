@@ -434,7 +434,7 @@ def implicit_potentials(geometry, a, b, eps, f, g, rho=None):
     return ImplicitPointPotentials.apply(geometry, a, b, eps, f, g, geometry.x, geometry.y)
 
 
-def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear, rho=None):
+def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear, rho=None, row_total=None):
     """``value`` with Danskin's gradients and no graph through the iterations.
 
     The regularised OT value ``V = min_P <C, P> + eps KL(P || a b^T)`` has
@@ -446,7 +446,8 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear, rho=Non
     detached; each term below is zero in value and carries one partial derivative.
     For a point cloud, ``dV/dC = P`` reaches the points through
     :class:`sinkhorn_ot.autograd_lazy.PlanCostPairing` (no dense plan). Relaxed
-    problems (``rho (B, 2)``): :func:`sinkhorn_ot.autograd_unbalanced.relaxed_envelope`.
+    problems (``rho (B, 2)``): :func:`sinkhorn_ot.autograd_unbalanced.relaxed_envelope`
+    (``row_total``: its sum over ranks where the rows are sharded).
     """
 
     if isinstance(geometry, DenseCost):
@@ -462,7 +463,7 @@ def envelope_value(geometry, a, b, eps, f, g, plan, value, value_linear, rho=Non
         from .autograd_unbalanced import relaxed_envelope
 
         return relaxed_envelope(
-            geometry, a, b, eps, f, g, plan, value, value_linear, rho, cost_term
+            geometry, a, b, eps, f, g, plan, value, value_linear, rho, cost_term, row_total
         )
     return (
         value

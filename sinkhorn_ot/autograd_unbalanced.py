@@ -279,23 +279,29 @@ class ImplicitRelaxedPointPotentials(torch.autograd.Function):
         return None, grad_a, grad_b, grad_eps, grad_inv, None, None, grad_x, grad_y
 
 
-def relaxed_envelope(geometry, a, b, eps, f, g, plan, value, value_linear, rho, cost_term):
+def relaxed_envelope(
+    geometry, a, b, eps, f, g, plan, value, value_linear, rho, cost_term, row_total=None
+):
     """``value`` with Danskin's gradients for a batch with relaxed marginals.
 
     Balanced problems of the batch get the terms of
     :func:`sinkhorn_ot.autograd.envelope_value`; relaxed ones those of the module
     docstring. ``f, g, plan, value, value_linear`` are detached; ``cost_term`` carries
-    ``dV/dC = P``.
+    ``dV/dC = P``. ``row_total`` sums a sum over rows over ranks where ``a, f, plan``
+    are one rank's rows (``None``: all rows here; ``value``, ``value_linear`` are totals).
     """
     from .plan import LazyPlan
 
+    total = (lambda t: t) if row_total is None else row_total
     with torch.no_grad():
         if isinstance(plan, LazyPlan):
             rows, cols = plan.marginals()
         else:
             rows, cols = plan.sum(2), plan.sum(1)
+        cols = total(cols)
         e = eps.detach().unsqueeze(-1)
-        mass_a, mass_b = a.detach().sum(-1, keepdim=True), b.detach().sum(-1, keepdim=True)
+        mass_a = total(a.detach().sum(-1, keepdim=True))
+        mass_b = b.detach().sum(-1, keepdim=True)
         relaxed = ub.relaxed_problems(rho, a.shape[0], a.device).unsqueeze(-1)
         hard = torch.isinf(rho.detach())
         safe = torch.where(hard, 1, rho.detach())
@@ -309,11 +315,12 @@ def relaxed_envelope(geometry, a, b, eps, f, g, plan, value, value_linear, rho, 
         db = phi_g - e * (cols / b_safe - mass_a)
         da = torch.where(relaxed, torch.where(a_pos, da, 0), f - e / 2)
         db = torch.where(relaxed, torch.where(b_pos, db, 0), g - e / 2)
-        plan_mass = rows.sum(-1)
-        transport = (rows * f).sum(-1) + (cols * g).sum(-1) - value_linear
+        plan_mass = total(rows.sum(-1))
+        transport = total((rows * f).sum(-1)) + (cols * g).sum(-1) - value_linear
         kl_relaxed = transport / e.squeeze(-1) - plan_mass + (mass_a * mass_b).squeeze(-1)
         kl = torch.where(relaxed.squeeze(-1), kl_relaxed, (value - value_linear) / eps.detach())
-        kl_sides = torch.stack((_kl(rows, a.detach(), a_pos), _kl(cols, b.detach(), b_pos)), dim=-1)
+        kl_rows = total(_kl(rows, a.detach(), a_pos))
+        kl_sides = torch.stack((kl_rows, _kl(cols, b.detach(), b_pos)), dim=-1)
         kl_sides = torch.where(hard, 0, kl_sides)
     rho_safe = torch.where(hard, 1, rho)
     return (

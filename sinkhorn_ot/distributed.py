@@ -13,6 +13,10 @@
   blocks of points along a ring (:meth:`sinkhorn_ot._collectives.Ranks.ring`), so no
   rank ever holds more than two blocks of either cloud.
 
+Relaxed marginals (``rho_a``, ``rho_b``, rows sharded only) damp the combined
+half-steps and stop on the potentials change, a maximum over ranks (one more all-reduce
+per iteration, :func:`solve_sharded`).
+
 Nothing gathers the cost, the plan or the points. The stopping rule, the eps table, the
 padded-row completion and the result are the single-process ones (``_loop``,
 ``solver``), fed with sums over ranks.
@@ -35,11 +39,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from . import _unbalanced as ub
 from . import _validation as v
 from ._collectives import Ranks, SumGradients, SumOverRanks
 from ._loop import eps_table
 from ._sharded_validation import validate
-from ._updates import row_violation, safe_log
+from ._unbalanced import damping, potential_change
+from ._updates import damped, row_violation, safe_log
 from .autograd import envelope_value
 from .errors import raise_non_finite
 from .geometry import BlockLogStep, DenseCost, Geometry, PointCloud
@@ -55,31 +61,39 @@ class RowShardStep:
     combines the ranks' partial log-sum-exps :meth:`~sinkhorn_ot._updates.LogStep.col_lse`.
 
     Unbalanced problems (relaxed marginals) change only the finishing map applied to
-    the combined log-sum-exp (here ``-eps * lse``) and the violation, not the reduction:
-    they slot in by taking that map from the local step.
+    the combined log-sum-exp, not the reduction: the damping ``tau_b`` multiplies
+    ``-eps * lse`` after the all-reduce (:func:`~sinkhorn_ot._updates.damped`), while the
+    row update, local, is damped by the local step itself.
     """
 
-    def __init__(self, local_step, ranks: Ranks, eps: torch.Tensor):
-        self.local, self.ranks, self.eps = local_step, ranks, eps
+    def __init__(self, local_step, ranks: Ranks, eps: torch.Tensor, damping=None):
+        self.local, self.ranks, self.eps, self.damping = local_step, ranks, eps, damping
 
     def row(self, g: torch.Tensor) -> torch.Tensor:
         return self.local.row(g)
 
     def col(self, f: torch.Tensor) -> torch.Tensor:
-        return -self.eps * self.ranks.logsumexp(self.local.col_lse(f))
+        return damped(-self.eps * self.ranks.logsumexp(self.local.col_lse(f)), self.damping, 1)
 
     def col_and_total(self, f, g_previous, extra):
         """``(col(f), sum over ranks of extra)`` in one all-reduce where it is safe.
 
-        The partial sums are taken relative to ``-g_previous / eps`` (replicated), see
+        The partial sums are taken relative to ``-g_previous / (eps tau_b)`` (replicated;
+        the log-sum-exp that gave ``g_previous``), see
         :meth:`~sinkhorn_ot._collectives.Ranks.shifted_logsumexp`; where that frame
         would lose digits the stable two-pass combine is used (one more all-reduce).
         """
         lse = self.local.col_lse(f)
-        combined, extra_total = self.ranks.shifted_logsumexp(lse, -g_previous / self.eps, extra)
+        frame = -damped(g_previous / self.eps, _undamping(self.damping), 1)
+        combined, extra_total = self.ranks.shifted_logsumexp(lse, frame, extra)
         if combined is None:
             combined = self.ranks.logsumexp(lse)
-        return -self.eps * combined, extra_total
+        return damped(-self.eps * combined, self.damping, 1), extra_total
+
+
+def _undamping(damping):
+    """``(1 / tau_a, 1 / tau_b)``: undoes :func:`~sinkhorn_ot._updates.damped` (``tau > 0``)."""
+    return None if damping is None else tuple(1 / tau for tau in damping)
 
 
 class RowShards(Geometry):
@@ -96,8 +110,9 @@ class RowShards(Geometry):
     dtype = property(lambda self: self.local.dtype)
     device = property(lambda self: self.local.device)
 
-    def log_step(self, log_a, log_b, eps):
-        return RowShardStep(self.local.log_step(log_a, log_b, eps), self.ranks, eps)
+    def log_step(self, log_a, log_b, eps, damping=None):
+        local_step = self.local.log_step(log_a, log_b, eps, damping)
+        return RowShardStep(local_step, self.ranks, eps, damping)
 
     def scale(self) -> torch.Tensor:
         return self.ranks.maximum(self.local.scale())
@@ -183,7 +198,9 @@ class RingShards(Geometry):
         index = 0 if side == "x" else 1
         return [(batch, size[index], dim + 2) for size in self.sizes]
 
-    def log_step(self, log_a, log_b, eps):
+    def log_step(self, log_a, log_b, eps, damping=None):
+        if damping is not None:  # refused by validation; a guard for direct callers
+            raise NotImplementedError("relaxed marginals with shard_y=True")
         return RingStep(self, log_a, log_b, eps)
 
     def scale(self) -> torch.Tensor:
@@ -204,7 +221,10 @@ class RingShards(Geometry):
 
 
 # ---------------------------------------------------------------------- the loop
-def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None, mass):
+def solve_sharded(
+    geometry, a, b, f0, table, *, max_iter: int, tol: float | None, mass, rho=None,
+    potentials=None,
+):  # fmt: skip
     """The loop of :func:`sinkhorn_ot._loop.solve` on a sharded geometry (log domain).
 
     Same iterates, stopping decisions and iteration counts as the single-process loop
@@ -213,11 +233,19 @@ def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None
     travels in the column update's all-reduce. A problem that stops discards the column
     update computed with it, exactly as the single-process loop never computes it.
 
+    Problems on the potentials rule (``potentials``, e.g. relaxed ones) stop on the
+    sup-norm change of ``f`` (:func:`~sinkhorn_ot._unbalanced.potential_change`), a
+    maximum over ranks: one more all-reduce (MAX, ``B`` numbers) per iteration, since
+    the column update's buffer is summed. Balanced-only batches on the marginal rule
+    do not pay it.
+
     Args:
         geometry: :class:`RowShards` or :class:`RingShards`.
         a: local row weights ``(B, N_r)``; b: ``(B, M)`` (or local ``(B, M_r)``).
         f0: ``(B, N_r)``; table: ``(B, S)`` (:func:`sinkhorn_ot._loop.eps_table`).
         mass: ``(B,)`` float64 total mass over all ranks.
+        rho: ``(B, 2)`` relaxation or ``None``: the half-steps are damped.
+        potentials: ``(B,)`` bool, problems on the potentials rule, or ``None``.
 
     Returns:
         ``f (B, N_r)``, ``g``, ``n_iter (B,)``, ``err (B,)``, identical decisions on
@@ -232,7 +260,11 @@ def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None
     def eps_at(t: int) -> torch.Tensor:
         return table[:, min(t, last_column)].unsqueeze(-1)
 
-    step = geometry.log_step(log_a, log_b, eps_at(0))
+    def step_at(t: int):
+        e = eps_at(t)
+        return geometry.log_step(log_a, log_b, e, damping(rho, e))
+
+    step = step_at(0)
     f = f0
     g = step.col(f)  # no previous g to shift by: the two-pass combine
     n_iter = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -240,7 +272,7 @@ def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None
     active = torch.ones(batch, dtype=torch.bool, device=device)
     for t in range(max_iter + 1):
         if 0 < t <= last_column:
-            step = geometry.log_step(log_a, log_b, eps_at(t))
+            step = step_at(t)
         f_next = step.row(g)
         last = t == max_iter
         share = row_violation(f, f_next, a, eps_at(t), mass)  # this rank's rows
@@ -249,6 +281,9 @@ def solve_sharded(geometry, a, b, f0, table, *, max_iter: int, tol: float | None
         else:  # the column update of every still-active problem, with the violation
             candidate = torch.where(active.unsqueeze(-1), f_next, f)
             g_next, violation = step.col_and_total(candidate, g, share)
+        if potentials is not None:  # a maximum over ranks: its own all-reduce
+            change = ranks.maximum(potential_change(f, f_next, a, eps_at(t)))
+            violation = torch.where(potentials, change, violation)
         if not bool(torch.isfinite(violation[active]).all()):
             raise_non_finite("log")
         err = torch.where(active, violation, err)
@@ -291,15 +326,16 @@ def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- the call
 def sharded_sinkhorn(
-    C, a, b, *, eps, group, method, max_iter, tol, grad, init, eps_scaling, backend, shard_y
-) -> SinkhornResult:
+    C, a, b, *, eps, group, method, max_iter, tol, grad, init, eps_scaling, backend, shard_y,
+    rho_a=None, rho_b=None, stop=None,
+) -> SinkhornResult:  # fmt: skip
     """:func:`sinkhorn_ot.sinkhorn` with ``group`` (or ``shard_y``): see the module doc."""
     from .solver import (
         _build_result,
         _default_init,
+        _stop_rule,
         _unbatch,
         complete_potentials,
-        plan_violation,
         warn_unconverged,
     )
 
@@ -316,29 +352,37 @@ def sharded_sinkhorn(
         "tol": v.check_tol(tol),
         "eps_scaling": v.check_eps_scaling(eps_scaling),
         "shard_y": bool(shard_y),
+        "stop": None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES),
+        "rho_a": rho_a,
+        "rho_b": rho_b,
     }
     problem = validate(C, a, b, eps, init, group, settings)
-    geometry, ab, bb, eps_b = problem.geometry, problem.a, problem.b, problem.eps
-    _refuse_unsupported_gradients(geometry, ab, bb, eps_b, settings)
+    geometry, ab, bb, eps_b, rho = problem.geometry, problem.a, problem.b, problem.eps, problem.rho
+    _refuse_unsupported_gradients(geometry, ab, bb, eps_b, rho, settings)
+    potentials = _stop_rule(settings["stop"], rho, ab.shape[0], ab.device)
     f0 = problem.f0 if problem.f0 is not None else _default_init(ab, eps_b)
     scale = geometry.scale() if settings["eps_scaling"] is not None else eps_b
     table = eps_table(eps_b, scale, settings["eps_scaling"])
     max_iter, tol = settings["max_iter"], settings["tol"]
     with torch.no_grad():
         f, g, n_iter, err = solve_sharded(
-            geometry, ab, bb, f0, table, max_iter=max_iter, tol=tol, mass=problem.mass
-        )
+            geometry, ab, bb, f0, table, max_iter=max_iter, tol=tol, mass=problem.mass,
+            rho=rho, potentials=potentials,
+        )  # fmt: skip
         padded = geometry.ranks.maximum((ab == 0).any().to(torch.int32).reshape(1))
         f, g = complete_potentials(
-            geometry, ab, bb, f, g, table, max_iter, padded_rows=bool(padded[0])
+            geometry, ab, bb, f, g, table, max_iter, rho, padded_rows=bool(padded[0])
         )
+        # As in one process, the loop's potentials change certifies the returned (f, g)
+        # unless an unfinished schedule recomputed g.
+        change = None if table.shape[1] - 1 > max_iter else err
     if isinstance(geometry, RingShards):
         result = _ring_result(geometry, ab, bb, eps_b, f, g, n_iter, err, tol)
     else:
+        rule = Rule(rho, potentials, change)
         result = _row_result(
-            geometry, ab, bb, eps_b, f, g, n_iter, err, tol, settings["grad"],
-            _build_result, plan_violation,
-        )  # fmt: skip
+            geometry, ab, bb, eps_b, f, g, n_iter, tol, settings["grad"], _build_result, rule
+        )
     if problem.offset is not None:
         result = _shift_back(result, problem.offset, ab, RowReductions(geometry.ranks))
     warn_unconverged(result, tol, max_iter, stacklevel=4)
@@ -359,31 +403,82 @@ def _shift_back(result: SinkhornResult, offset, a, shards) -> SinkhornResult:
     )
 
 
-def _refuse_unsupported_gradients(geometry, a, b, eps, settings) -> None:
-    """Clear errors (the same on every rank) for gradients that are not implemented."""
+def _refuse_unsupported_gradients(geometry, a, b, eps, rho, settings) -> None:
+    """Clear errors (the same on every rank) for gradients that are not implemented.
+
+    ``requires_grad`` of every input is agreed on by validation, so every rank decides
+    alike.
+    """
     local = geometry.local
     tensors = [local.C] if isinstance(local, DenseCost) else [local.x, local.y]
-    wants = any(t.requires_grad for t in (*tensors, a, b, eps))
+    wants = any(t is not None and t.requires_grad for t in (*tensors, a, b, eps, rho))
     if wants and isinstance(geometry, RingShards) and settings["grad"] != "none":
         raise NotImplementedError(
             "gradients of a solve with shard_y=True are not implemented yet; use "
             "grad='none', or replicate y (shard_y=False) for grad='envelope'/'implicit'"
         )
+    if wants and rho is not None and settings["grad"] == "implicit":
+        raise NotImplementedError(
+            "grad='implicit' with `group` and `rho_a`/`rho_b` (relaxed marginals) is not "
+            "implemented yet (the sharded conjugate gradients solve the balanced adjoint "
+            "only); use grad='envelope' (gradients of `value`) or grad='none'"
+        )
 
 
-def _row_result(geometry, a, b, eps, f, g, n_iter, err, tol, grad, build, violation_of):
+@dataclasses.dataclass
+class Rule:
+    """How a sharded result is certified: the relaxation and the stopping rule.
+
+    ``rho (B, 2)`` or ``None``; ``potentials (B,)`` bool or ``None`` (problems on the
+    potentials rule); ``change (B,)``: the loop's potential change of the returned
+    ``(f, g)``, or ``None`` to measure it with one more (local) row update.
+    """
+
+    rho: torch.Tensor | None = None
+    potentials: torch.Tensor | None = None
+    change: torch.Tensor | None = None
+
+
+def certified_error(geometry: RowShards, plan, a, b, eps, f, g, rule: Rule) -> torch.Tensor:
+    """:func:`sinkhorn_ot.solver.certified_error` of one rank's rows, summed over ranks.
+
+    The marginal rule: :func:`~sinkhorn_ot.solver.plan_violation` with row totals over
+    ranks. The potentials rule: the larger of the potentials change (a maximum over
+    ranks) and the violation of the hard marginals
+    (:func:`~sinkhorn_ot._unbalanced.hard_violation` with row totals over ranks).
+    """
+    from .solver import _marginals64, plan_violation
+
+    ranks = geometry.ranks
+    if rule.potentials is None:
+        return plan_violation(plan, a, b, row_total=ranks.total)
+    with torch.no_grad():
+        rows, cols = _marginals64(plan)
+        balanced = torch.full_like(eps.unsqueeze(-1).expand(-1, 2), float("inf"))
+        rho = balanced if rule.rho is None else rule.rho
+        hard = ub.hard_violation(rows, cols, a, b, rho, row_total=ranks.total)
+        change = rule.change
+        if change is None:
+            e = eps.unsqueeze(-1)
+            step = geometry.log_step(safe_log(a), safe_log(b), e, damping(rule.rho, e))
+            change = ranks.maximum(potential_change(f, step.row(g), a, e))
+        return torch.where(rule.potentials, torch.maximum(change, hard), hard)
+
+
+def _row_result(geometry, a, b, eps, f, g, n_iter, tol, grad, build, rule: Rule):
     """The single-process result building (``solver._build_result``) with row sums
     over ranks; ``plan`` is this rank's row block (dense or lazy)."""
     ranks, local = geometry.ranks, geometry.local
     shards = RowReductions(ranks)
     with torch.no_grad():
         plan = _local_plan(local, a, b, eps, f, g)
-        err = violation_of(plan, a, b, row_total=shards.total)
-    if grad == "implicit":
+        err = certified_error(geometry, plan, a, b, eps, f, g, rule)
+    rho = rule.rho
+    if grad == "implicit" and rho is None:  # (relaxed: refused if any gradient is wanted)
         from ._sharded_autograd import sharded_implicit_potentials
 
         f, g = sharded_implicit_potentials(local, ranks, a, b, eps, f, g)
-    parts = (local, a, b, eps, f, g, n_iter, err, tol, "log", "torch")
+    parts = (local, a, b, eps, f, g, n_iter, err, tol, "log", "torch", rho)
     if grad in ("envelope", "none"):
         with torch.no_grad():
             result = build(*parts, shards=shards)
@@ -393,8 +488,9 @@ def _row_result(geometry, a, b, eps, f, g, n_iter, err, tol, grad, build, violat
         if isinstance(local, PointCloud):  # y's gradient: the sum of every rank's rows
             local = local.with_points(local.x, SumGradients.apply(local.y, ranks))
         value = envelope_value(
-            local, a, b, eps, result.f, result.g, result.plan, result.value, result.value_linear
-        )
+            local, a, b, eps, result.f, result.g, result.plan, result.value,
+            result.value_linear, rho, row_total=ranks.total,
+        )  # fmt: skip
         result = dataclasses.replace(result, value=value)
     return result
 

@@ -97,7 +97,8 @@ def sinkhorn(
             or a ``(B,)`` tensor ``> 0`` adds ``rho * KL(P 1 | a)`` (resp. ``P^T 1 | b``,
             generalised KL) to the objective instead. Relaxed problems need no equal
             masses, keep their potentials unnormalised, report ``value`` = the full
-            objective (from the duals) and stop on ``stop="potentials"``.
+            objective (from the duals) and stop on ``stop="potentials"``. With
+            ``group``: rows sharded only, ``grad="envelope"``/``"none"``.
         stop: the stopping rule. ``"marginals"`` (the relative L1 marginal violation
             above; the default of balanced problems) or ``"potentials"``: the sup-norm
             change of the row potential over one iteration relative to eps, ``max_i
@@ -124,14 +125,9 @@ def sinkhorn(
     if group is not None or shard_y:
         from .distributed import sharded_sinkhorn
 
-        if rho_a is not None or rho_b is not None or stop is not None:
-            raise NotImplementedError(
-                "`rho_a`, `rho_b` and `stop` are not supported with `group` yet (the sharded "
-                f"loop is balanced), got rho_a={rho_a!r}, rho_b={rho_b!r}, stop={stop!r}"
-            )
-
         settings = {"method": method, "max_iter": max_iter, "tol": tol, "grad": grad}
         settings.update(init=init, eps_scaling=eps_scaling, backend=backend, shard_y=shard_y)
+        settings.update(rho_a=rho_a, rho_b=rho_b, stop=stop)
         return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
     arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
     C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
@@ -347,7 +343,8 @@ def _build_result(
     value = total((f * a).sum(-1)) + (g * b).sum(-1)
     if rho is not None:  # the full objective, mass terms included (docs/unbalanced.md)
         plan_mass = plan.marginals()[0].sum(-1) if isinstance(plan, LazyPlan) else plan.sum((1, 2))
-        value = torch.where(relaxed, ub.dual_value(f, g, a, b, eps, rho, plan_mass), value)
+        dual = ub.dual_value(f, g, a, b, eps, rho, total(plan_mass), row_total=total)
+        value = torch.where(relaxed, dual, value)
     if isinstance(plan, LazyPlan):
         value_linear = total(plan.linear_value())
     else:

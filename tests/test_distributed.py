@@ -171,14 +171,21 @@ def _communication_worker(rank, world):
             sharded_y = PointCloud(x[:, rows], y[:, columns])
             sinkhorn(sharded_y, a[:, rows], b[:, columns], eps=0.3, max_iter=iters, tol=None,
                      group=group, shard_y=True)  # fmt: skip
-            per_call[iters] = (rows_layout, len(reduces), len(rings))
+            ring_layout = len(reduces)
+            reduces.clear()
+            sinkhorn(geometry, a[:, rows], b, eps=0.3, max_iter=iters, tol=None, group=group,
+                     rho_b=1.0)  # fmt: skip
+            per_call[iters] = (rows_layout, ring_layout, len(rings), len(reduces))
         finally:
             restore_reduce()
             restore_ring()
-    (r10, y10, p10), (r30, y30, p30) = per_call[10], per_call[30]
+    (r10, y10, p10, u10), (r30, y30, p30, u30) = per_call[10], per_call[30]
     # Rows sharded: ONE all-reduce per iteration (column update + stopping test together).
     if r30 - r10 != 20:
         raise AssertionError(f"rows: {r30 - r10} all-reduces for 20 iterations")
+    # Relaxed (potentials rule): one more, the MAX of the potentials change.
+    if u30 - u10 != 2 * 20:
+        raise AssertionError(f"relaxed rows: {u30 - u10} all-reduces for 20 iterations")
     # shard_y: one all-reduce (the violation) and two rings of P - 1 hops per iteration.
     if y30 - y10 != 20 or p30 - p10 != 2 * 20 * (world - 1):
         raise AssertionError(f"shard_y: {y30 - y10} all-reduces, {p30 - p10} ring hops")
@@ -333,3 +340,101 @@ def _port():
     from distributed_launch import free_port
 
     return free_port()
+
+
+# ---------------------------------------------------------------------- unbalanced
+def _unbalanced_worker(rank, world):
+    group = dist.group.WORLD
+    settings = {"eps": 0.3, "tol": TOL, "backend": "torch"}
+    uneven = _slices(rank, [0, 5, 13])
+    inf = float("inf")
+
+    def both(label, geometry, local, a, b, rows=uneven, **kw):
+        full = sinkhorn(geometry, a, b, **settings, **kw)
+        sharded = sinkhorn(local, a[:, rows], b, group=group, **settings, **kw)
+        _same_result(label, sharded, full, rows)
+        return sharded, full
+
+    # Both sides relaxed, unequal masses, uneven shards (5 and 8 rows).
+    x, y, a, b = _problem(20)
+    b = 1.7 * b
+    cloud, local = PointCloud(x, y), PointCloud(x[:, uneven], y)
+    both("both relaxed", cloud, local, a, b, rho_a=0.8, rho_b=2.0)
+    # Semi-relaxed: hard rows, relaxed columns.
+    both("semi-relaxed", cloud, local, a, b, rho_b=0.5)
+    # A mixed batch: problem 0 balanced (marginal rule), problem 1 relaxed.
+    x, y, a, b = _problem(21)
+    b[1] *= 0.6
+    rho_a, rho_b = torch.tensor([inf, 1.5], dtype=F64), torch.tensor([inf, 0.4], dtype=F64)
+    sharded, _ = both("mixed batch", PointCloud(x, y), PointCloud(x[:, uneven], y), a, b,
+                      rho_a=rho_a, rho_b=rho_b)  # fmt: skip
+    if not bool(sharded.converged.all()):
+        raise AssertionError(f"mixed batch: err {sharded.err.tolist()}")
+    # Padded rows and columns, rank 0's rows of problem 1 all zero, relaxed.
+    x, y, a, b = _problem(22, pad_rows=[(0, [2, 11]), (1, slice(0, 5))], pad_cols=[(1, [0, 7])])
+    both("padded relaxed", PointCloud(x, y), PointCloud(x[:, uneven], y), a, 0.5 * b,
+         rho_a=1.0, rho_b=1.0)  # fmt: skip
+    # A dense row block far from zero, relaxed: solved as given (no centring, which would
+    # change how much mass is transported), with annealed eps.
+    x, y, a, b = _problem(23)
+    C = sqeuclidean(x, y) + 40.0
+    both("dense relaxed offset", C, DenseCost(C[:, uneven]), a, b, rho_a=30.0, rho_b=30.0,
+         eps_scaling=0.5)  # fmt: skip
+    # A balanced problem on the potentials rule.
+    x, y, a, b = _problem(24)
+    both("stop=potentials", PointCloud(x, y), PointCloud(x[:, uneven], y), a, b,
+         stop="potentials")  # fmt: skip
+
+    # Envelope gradients (value) w.r.t. x, y, a, b, eps and rho, as in one process.
+    rows = _slices(rank, [0, 6, 13])
+    x, y, a, b = _problem(25, pad_rows=[(1, [0])])
+    b = 1.3 * b
+    eps, rho = torch.tensor([0.4, 0.3], dtype=F64), torch.tensor([0.7, inf], dtype=F64)
+    kw = {"tol": TOL, "grad": "envelope", "rho_b": 1.2}
+    xf, yf, af, bf, ef, rf = _leaves(x, y, a, b, eps, rho)
+    full = sinkhorn(PointCloud(xf, yf), af, bf, eps=ef, rho_a=rf, backend="torch", **kw)
+    want = torch.autograd.grad(full.value.sum(), (xf, yf, af, bf, ef, rf))
+    xs, ys, as_, bs, es, rs = _leaves(x[:, rows], y, a[:, rows], b, eps, rho)
+    sharded = sinkhorn(PointCloud(xs, ys), as_, bs, eps=es, rho_a=rs, group=group, **kw)
+    got = torch.autograd.grad(sharded.value.sum(), (xs, ys, as_, bs, es, rs))
+    names = ("x", "y", "a", "b", "eps", "rho_a")
+    for name, g_got, g_want, part in zip(names, got, want, (rows, None, rows, None, None, None)):
+        g_want = g_want[:, part] if part is not None else g_want
+        _close(f"relaxed envelope d/d{name}", g_got, g_want, atol=1e-8)
+
+    # Bad input: every rank fails alike.
+    x_l, a_l = x[:, rows], a[:, rows]
+    message = _expect_error(
+        "rho_a <= 0 on rank 1", ValueError, "on rank 1 of 2: `rho_a` must be > 0",
+        lambda: sinkhorn(PointCloud(x_l, y), a_l, b, eps=0.3, rho_a=1.0 - 2 * rank,
+                         group=group),
+    )  # fmt: skip
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    if len(set(messages)) != 1:
+        raise AssertionError(f"ranks raised different errors: {messages}")
+    _expect_error(
+        "rho differs", ValueError, "`rho_a`, `rho_b` must be the same on every rank",
+        lambda: sinkhorn(PointCloud(x_l, y), a_l, b, eps=0.3, rho_b=1.0 + rank, group=group),
+    )  # fmt: skip
+    x_grad = x_l.clone().requires_grad_(True)
+    _expect_error(
+        "implicit relaxed", NotImplementedError, "grad='implicit' with `group` and `rho_a`",
+        lambda: sinkhorn(PointCloud(x_grad, y), a_l, b, eps=0.3, rho_b=1.0, group=group),
+    )  # fmt: skip
+    _expect_error(
+        "shard_y relaxed", NotImplementedError, "not supported with shard_y=True",
+        lambda: sinkhorn(PointCloud(x_l, y[:, rows]), a_l, b[:, rows], eps=0.3, rho_b=1.0,
+                         group=group, shard_y=True),
+    )  # fmt: skip
+    _expect_error(
+        "stop=marginals relaxed", ValueError, "`stop` must be 'potentials' or None",
+        lambda: sinkhorn(PointCloud(x_l, y), a_l, b, eps=0.3, rho_b=1.0, stop="marginals",
+                         group=group),
+    )  # fmt: skip
+    # Still in step after the failures.
+    both("after errors", PointCloud(x, y), PointCloud(x_l, y), a, b, rows=rows, rho_a=2.0)
+
+
+def test_sharded_unbalanced_equals_single_process():
+    run_ranks(_unbalanced_worker, WORLD)
