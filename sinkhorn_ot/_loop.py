@@ -171,7 +171,8 @@ def solve(
         return table[:, min(t, last_column)].unsqueeze(-1)  # (B, 1)
 
     def step_at(t: int):
-        make = geometry.log_step if method == "log" else geometry.kernel_step
+        # "stabilised" is a native implementation of the log-domain iterates.
+        make = geometry.kernel_step if method == "kernel" else geometry.log_step
         return make(log_a, log_b, eps_at(t))
 
     step = step_at(0)
