@@ -204,8 +204,9 @@ def test_never_nan_on_extreme_inputs(dtype):
 
 def test_exp_terms_accuracy():
     # The kernels' vector exponential against torch.exp (their throughput is the exp
-    # floor of the benchmarks).
-    for dtype, rtol in ((torch.float32, 4e-7), (torch.float64, 1e-15)):
+    # floor of the benchmarks). The bound is the rounding of the argument x * log2(e),
+    # |x| ulp(1) relative (5e-6 at x = -80 in float32), as for every exp of a product.
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 3e-14)):
         x = -torch.linspace(0, 80, 10007, dtype=dtype)
         assert_close_rel(
             torch.ops.sinkhorn_ot.exp_terms(x) / torch.exp(x), torch.ones_like(x), rtol, "exp"
