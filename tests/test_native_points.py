@@ -362,7 +362,7 @@ def test_wrapper_rejects_bad_inputs(index, value, error, match):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"method": "auto"}, "`method` must be 'log' or 'kernel', got 'auto'"),
+        ({"method": "auto"}, "`method` must be 'log', 'kernel' or 'stabilised', got 'auto'"),
         ({"cost": "manhattan"}, "`cost` must be one of 'sqeuclidean', 'euclidean', 'cosine'"),
         ({"cost_scale": float("nan")}, "`cost_scale` must be a finite float"),
         ({"max_iter": 2.5}, "`max_iter` must be an int >= 0"),
