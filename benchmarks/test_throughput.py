@@ -31,7 +31,10 @@ def test_exp_throughput(benchmark, bench):
 
 def test_exp_floor_of_our_kernels(benchmark, bench):
     """The exponential the CPU kernels use (``ExpTerm``), on ``x <= 0`` as they do."""
-    if bench["device"] != "cpu" or not native.availability(torch.device("cpu"), torch.float32)[0]:
+    if (
+        bench["device"].type != "cpu"
+        or not native.availability(torch.device("cpu"), torch.float32)[0]
+    ):
         pytest.skip("native-cpu unavailable")
     x = -torch.rand(NUMEL) * 80
     exp_terms = torch.ops.sinkhorn_ot.exp_terms
