@@ -341,7 +341,7 @@ def test_eps_table_equals_eps_scaling(method, dtype):
         ({4: torch.ones(2, 1, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
         ({4: torch.ones(3, 0, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
         ({2: torch.ones(3, 5)}, "`b` must have the dtype of `C`"),
-        ({7: "auto"}, '`method` must be "log" or "kernel"'),
+        ({7: "auto"}, '`method` must be "log", "kernel" or "stabilised"'),
         ({5: -1}, "`max_iter` must be >= 0"),
         ({0: torch.ones(6, 5, dtype=torch.float64)}, r"`C` must have shape \(B, N, M\)"),
     ],
