@@ -48,7 +48,8 @@ class Impl:
     Attributes:
         key: unique id used in test ids and the JSON (``"ours-torch-log"``).
         label: column name in the report (``"ours[torch]"``, ``"POT solve_batch"``).
-        family: ``"log"`` or ``"kernel"``: which of our methods the row compares with.
+        family: ``"log"``, ``"kernel"`` or ``"stabilised"``: which of our methods the row
+            compares with (peers' log-domain rows compare with both robust methods).
         ours: True for our own solver (columns before the peers, ratio denominator).
     """
 
@@ -73,11 +74,14 @@ class Impl:
 
 class Ours(Impl):
     """:func:`sinkhorn_ot.sinkhorn` with one backend and one method, ``grad="none"``
-    (peers return detached plans too)."""
+    (peers return detached plans too). ``schedule``: extra keywords of the eps schedule
+    (e.g. ``eps_scaling``, ``eps_stage_iters``) and the ``tag`` naming it in the label."""
 
-    def __init__(self, backend: str, method: str):
-        super().__init__(f"ours-{backend}-{method}", f"ours[{backend}]", method, ours=True)
-        self.backend, self.method = backend, method
+    def __init__(self, backend: str, method: str, tag: str = "", **schedule):
+        suffix = f"-{tag}" if tag else ""
+        label = f"ours[{backend}, {tag}]" if tag else f"ours[{backend}]"
+        super().__init__(f"ours-{backend}-{method}{suffix}", label, method, ours=True)
+        self.backend, self.method, self.schedule = backend, method, schedule
 
     def _solve(self, case: Case, **kw):
         return sinkhorn(
@@ -88,6 +92,7 @@ class Ours(Impl):
             method=self.method,
             grad="none",
             backend=self.backend,
+            **self.schedule,
             **kw,
         )
 
@@ -100,6 +105,15 @@ class Ours(Impl):
         return res.plan, {"n_iter": int(res.n_iter.max())}
 
 
+#: The stage-wise eps schedule of the benchmark rows: halve eps from the cost scale,
+#: three iterations per stage.
+STAGES = {"eps_scaling": 0.5, "eps_stage_iters": 3}
+
+
 def ours_impls(backends: list[str]) -> list[Impl]:
-    """Our solver on every available backend, log and kernel forms."""
-    return [Ours(backend, method) for backend in backends for method in ("log", "kernel")]
+    """Our solver on every available backend, log and kernel forms; on the native
+    backend also the stabilised form, plain and with the stage-wise schedule."""
+    impls = [Ours(backend, method) for backend in backends for method in ("log", "kernel")]
+    if "native" in backends:
+        impls += [Ours("native", "stabilised"), Ours("native", "stabilised", "stages", **STAGES)]
+    return impls

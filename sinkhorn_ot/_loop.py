@@ -38,19 +38,25 @@ def eps_schedule(
     return eps0, steps
 
 
-def eps_table(eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None) -> torch.Tensor:
+def eps_table(
+    eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None, stage_iters: int = 1
+) -> torch.Tensor:
     """The eps of every iteration, ``(B, S)``: iteration ``t`` uses column ``min(t, S - 1)``.
 
     The one schedule every backend runs (the native ops take this table, see
     ``csrc/loop_rules.h``). Without annealing ``S = 1`` and the table is ``eps``. With
     ``eps_scaling = s``, column ``t < S - 1`` is ``max(eps, eps0 * s**t)`` with ``eps0 =
     max(scale, eps)`` (the cost scale ``max |C_ij|`` of each problem), and the last column
-    is ``eps``; problems may stop only once they reach it.
+    is ``eps``; problems may stop only once they reach it. ``stage_iters = k > 1`` makes
+    the schedule stage-wise: each eps of the geometric sequence is used for ``k``
+    iterations (columns repeated), as GeomLoss and OTT-JAX anneal; the native loops read
+    the same table, so they need no change.
 
     Args:
         eps: ``(B,)`` target regularisation.
         scale: ``(B,)`` cost scale, ``max |C_ij|`` per problem (only read when annealing).
         eps_scaling: ``None`` or a factor in (0, 1).
+        stage_iters: iterations per annealing stage (``>= 1``; read only when annealing).
 
     Returns:
         ``(B, S)`` in the dtype of ``eps``.
@@ -60,6 +66,8 @@ def eps_table(eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None)
         >>> from sinkhorn_ot._loop import eps_table
         >>> eps_table(torch.tensor([0.25]), torch.tensor([1.0]), 0.5).tolist()
         [[1.0, 0.5, 0.25]]
+        >>> eps_table(torch.tensor([0.25]), torch.tensor([1.0]), 0.5, stage_iters=2).tolist()
+        [[1.0, 1.0, 0.5, 0.5, 0.25]]
     """
     if eps_scaling is None:
         return eps.unsqueeze(-1)
@@ -68,6 +76,7 @@ def eps_table(eps: torch.Tensor, scale: torch.Tensor, eps_scaling: float | None)
     ratio = (eps0 / eps.detach()).double().log().max().item()
     steps = int(torch.tensor(ratio / -torch.tensor(eps_scaling).log().item()).ceil().item())
     columns = [torch.maximum(eps, eps0 * eps_scaling**t) for t in range(steps)]
+    columns = [column for column in columns for _ in range(stage_iters)]
     return torch.stack([*columns, eps], dim=-1)
 
 
@@ -180,7 +189,8 @@ def solve(
         return table[:, min(t, last_column)].unsqueeze(-1)  # (B, 1)
 
     def step_at(t: int):
-        make = geometry.log_step if method == "log" else geometry.kernel_step
+        # "stabilised" is a native implementation of the log-domain iterates.
+        make = geometry.kernel_step if method == "kernel" else geometry.log_step
         e = eps_at(t)
         return make(log_a, log_b, e, damping(rho, e))
 

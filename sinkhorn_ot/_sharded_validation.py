@@ -22,7 +22,8 @@ from .geometry import DenseCost, Geometry, PointCloud, as_geometry
 
 #: Arguments that must be the same on every rank (else the ranks' loops would diverge).
 _SHARED_SETTINGS = (
-    "method", "grad", "max_iter", "tol", "eps_scaling", "backend", "shard_y", "stop"
+    "method", "grad", "max_iter", "tol", "eps_scaling", "eps_stage_iters", "backend", "shard_y",
+    "stop"
 )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("log", "kernel", "auto")
+METHODS = ("log", "kernel", "stabilised", "auto")
 GRADS = ("implicit", "envelope", "unroll", "none")
 BACKENDS = ("auto", "torch", "native")
 

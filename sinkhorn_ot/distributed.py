@@ -327,7 +327,7 @@ def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
 # ---------------------------------------------------------------------- the call
 def sharded_sinkhorn(
     C, a, b, *, eps, group, method, max_iter, tol, grad, init, eps_scaling, backend, shard_y,
-    rho_a=None, rho_b=None, stop=None,
+    rho_a=None, rho_b=None, stop=None, eps_stage_iters=1,
 ) -> SinkhornResult:  # fmt: skip
     """:func:`sinkhorn_ot.sinkhorn` with ``group`` (or ``shard_y``): see the module doc."""
     from .solver import (
@@ -351,6 +351,7 @@ def sharded_sinkhorn(
         "max_iter": v.check_int("max_iter", max_iter, 0),
         "tol": v.check_tol(tol),
         "eps_scaling": v.check_eps_scaling(eps_scaling),
+        "eps_stage_iters": v.check_int("eps_stage_iters", eps_stage_iters, 1),
         "shard_y": bool(shard_y),
         "stop": None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES),
         "rho_a": rho_a,
@@ -362,7 +363,7 @@ def sharded_sinkhorn(
     potentials = _stop_rule(settings["stop"], rho, ab.shape[0], ab.device)
     f0 = problem.f0 if problem.f0 is not None else _default_init(ab, eps_b)
     scale = geometry.scale() if settings["eps_scaling"] is not None else eps_b
-    table = eps_table(eps_b, scale, settings["eps_scaling"])
+    table = eps_table(eps_b, scale, settings["eps_scaling"], settings["eps_stage_iters"])
     max_iter, tol = settings["max_iter"], settings["tol"]
     with torch.no_grad():
         f, g, n_iter, err = solve_sharded(

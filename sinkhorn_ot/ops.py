@@ -39,8 +39,10 @@ from .errors import raise_non_finite
 
 __all__ = ["COSTS", "METHODS", "check_method", "register_fakes", "solve_dense", "solve_points"]
 
-#: The ``method`` values of the ops.
-METHODS = ("log", "kernel")
+#: The ``method`` values of the ops. ``"stabilised"`` computes the log-domain iterates by
+#: the stabilised kernel form on the CPU for a dense cost (``csrc/cpu/stabilised.h``);
+#: point clouds and CUDA run the log-domain kernels for it.
+METHODS = ("log", "kernel", "stabilised")
 #: The ``cost`` values of :func:`solve_points`.
 COSTS = ("sqeuclidean", "euclidean", "cosine")
 _DTYPES = (torch.float32, torch.float64)
@@ -50,7 +52,7 @@ Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def check_method(method: str) -> None:
-    """Raise ``ValueError`` unless ``method`` is ``"log"`` or ``"kernel"``.
+    """Raise ``ValueError`` unless ``method`` is ``"log"``, ``"kernel"`` or ``"stabilised"``.
 
     Example:
         >>> from sinkhorn_ot.ops import check_method
@@ -58,10 +60,10 @@ def check_method(method: str) -> None:
         >>> check_method("auto")
         Traceback (most recent call last):
         ...
-        ValueError: `method` must be 'log' or 'kernel', got 'auto'
+        ValueError: `method` must be 'log', 'kernel' or 'stabilised', got 'auto'
     """
     if method not in METHODS:
-        raise ValueError(f"`method` must be 'log' or 'kernel', got {method!r}")
+        raise ValueError(f"`method` must be 'log', 'kernel' or 'stabilised', got {method!r}")
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -193,7 +195,8 @@ def solve_dense(
         max_iter: number of (row, column) update pairs at most.
         tol: per-problem tolerance on the relative L1 marginal violation, checked once
             the annealing is over; ``None`` runs exactly ``max_iter`` iterations.
-        method: ``"log"`` or ``"kernel"``.
+        method: ``"log"``, ``"kernel"`` or ``"stabilised"`` (the log-domain iterates
+            at kernel-form speed, one more ``(N, M)`` buffer per thread).
         rho: ``(B, 2)`` relaxation ``(rho_a, rho_b)`` per problem (``inf`` = hard
             marginal), dtype of ``C``, or ``None`` (balanced): damps the half-steps by
             ``rho / (rho + eps)`` (docs/unbalanced.md).
@@ -272,7 +275,8 @@ def solve_points(
         tol: tolerance on the relative L1 marginal violation; ``None``: exactly
             ``max_iter`` iterations.
         method: ``"log"`` or ``"kernel"`` (``exp(-C / eps)`` without a shift: it
-            underflows like the dense kernel form).
+            underflows like the dense kernel form); ``"stabilised"`` runs ``"log"`` here
+            (it would store an ``N x M`` kernel).
         cost: ``"sqeuclidean"`` (``|x - y|^2``), ``"euclidean"`` (``|x - y|``) or
             ``"cosine"`` (``1 - <x, y> / (|x| |y|)``, norms floored at ``1e-8``).
         cost_scale: factor applied to the cost.

@@ -37,6 +37,7 @@ def sinkhorn(
     grad: str = "implicit",
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps_scaling: float | None = None,
+    eps_stage_iters: int = 1,
     backend: str = "auto",
     group=None,
     shard_y: bool = False,
@@ -66,7 +67,10 @@ def sinkhorn(
         eps: regularisation ``> 0``, a float or a ``(B,)`` tensor.
         method: ``"log"`` (log-sum-exp, stable for any eps), ``"kernel"`` (``u, v``
             scalings with ``K = exp(-C / eps)``: faster, raises
-            :class:`KernelUnderflowError` when it underflows) or ``"auto"`` (kernel
+            :class:`KernelUnderflowError` when it underflows), ``"stabilised"`` (the
+            log-domain iterates at kernel-form speed on the native CPU backend for a
+            dense cost, by a kernel relative to absorbed potentials; one more
+            ``(N, M)`` buffer; elsewhere it runs ``"log"``) or ``"auto"`` (kernel
             while ``max|C|/eps`` is small, log otherwise or on underflow).
         max_iter: maximum number of iterations.
         tol: stop each problem once ``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a) <= tol``
@@ -82,6 +86,8 @@ def sinkhorn(
             starts with a column update, so only ``f`` determines the iterates.
         eps_scaling: ``None`` or a factor ``s`` in (0, 1): iteration ``t`` uses
             ``max(eps, max|C| * s**t)``, annealing from the cost scale down to ``eps``.
+        eps_stage_iters: with ``eps_scaling``, iterations per eps of the annealing
+            (stage-wise schedule: ``k`` iterations at each ``max|C| * s**t``).
         backend: ``"auto"`` (native if available for the device and dtype, else torch),
             ``"torch"`` or ``"native"`` (error if unavailable).
         group: ``None`` (one process) or a ``torch.distributed`` process group over
@@ -127,7 +133,7 @@ def sinkhorn(
 
         settings = {"method": method, "max_iter": max_iter, "tol": tol, "grad": grad}
         settings.update(init=init, eps_scaling=eps_scaling, backend=backend, shard_y=shard_y)
-        settings.update(rho_a=rho_a, rho_b=rho_b, stop=stop)
+        settings.update(rho_a=rho_a, rho_b=rho_b, stop=stop, eps_stage_iters=eps_stage_iters)
         return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
     arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
     C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
@@ -137,6 +143,7 @@ def sinkhorn(
     max_iter = v.check_int("max_iter", max_iter, 0)
     tol = v.check_tol(tol)
     eps_scaling = v.check_eps_scaling(eps_scaling)
+    eps_stage_iters = v.check_int("eps_stage_iters", eps_stage_iters, 1)
     stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
     rho_a, rho_b = arrays.tensor(rho_a), arrays.tensor(rho_b)
     problem = v.check_problem(C, a, b, eps, rho_a, rho_b)
@@ -164,7 +171,7 @@ def sinkhorn(
     backend_used = _select_backend(backend, geometry, grad)
     methods = _candidate_methods(method, geometry, eps_b)
     scale = geometry.scale() if eps_scaling is not None else eps_b
-    table = eps_table(eps_b, scale, eps_scaling)  # (B, S)
+    table = eps_table(eps_b, scale, eps_scaling, eps_stage_iters)  # (B, S)
     # Only "unroll" records the iterations; the other modes attach gradients afterwards.
     context = torch.enable_grad() if grad == "unroll" else torch.no_grad()
     with context:

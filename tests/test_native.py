@@ -341,7 +341,7 @@ def test_eps_table_equals_eps_scaling(method, dtype):
         ({4: torch.ones(2, 1, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
         ({4: torch.ones(3, 0, dtype=torch.float64)}, r"`eps_table` must have shape \(B, S\)"),
         ({2: torch.ones(3, 5)}, "`b` must have the dtype of `C`"),
-        ({7: "auto"}, '`method` must be "log" or "kernel"'),
+        ({7: "auto"}, '`method` must be "log", "kernel" or "stabilised"'),
         ({5: -1}, "`max_iter` must be >= 0"),
         ({0: torch.ones(6, 5, dtype=torch.float64)}, r"`C` must have shape \(B, N, M\)"),
     ],
@@ -356,7 +356,7 @@ def test_op_rejects_bad_arguments(change, match):
 
 def test_wrapper_rejects_unknown_method():
     C, a, b, eps = problem(1, 3, 3, torch.float64)
-    with pytest.raises(ValueError, match="`method` must be 'log' or 'kernel'"):
+    with pytest.raises(ValueError, match="`method` must be 'log', 'kernel' or 'stabilised'"):
         native.solve_potentials(C, a, b, eps, a * 0, max_iter=1, tol=None, method="auto")
 
 
@@ -396,7 +396,7 @@ def test_solve_dense_rejects_bad_inputs(index, value, error, match):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"method": "auto"}, "`method` must be 'log' or 'kernel'"),
+        ({"method": "auto"}, "`method` must be 'log', 'kernel' or 'stabilised'"),
         ({"max_iter": -1}, "`max_iter` must be an int >= 0"),
         ({"tol": float("nan")}, "`tol` must be a float or None"),
     ],

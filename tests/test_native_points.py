@@ -303,7 +303,7 @@ def test_op_accepts_non_contiguous_points():
         (1, torch.ones(3, 5, 3), "`y` must have the dtype of `x`"),
         (2, torch.ones(3, 7, dtype=torch.float64), r"`a` must have shape \[3, 6\]"),
         (5, torch.ones(2, 1, dtype=torch.float64), r"`eps_table` must have shape \(B, S\)"),
-        (8, "auto", '`method` must be "log" or "kernel"'),
+        (8, "auto", '`method` must be "log", "kernel" or "stabilised"'),
         (9, "manhattan", '`cost` must be "sqeuclidean", "euclidean" or "cosine"'),
         (10, float("inf"), "`cost_scale` must be finite"),
     ],
@@ -362,7 +362,7 @@ def test_wrapper_rejects_bad_inputs(index, value, error, match):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"method": "auto"}, "`method` must be 'log' or 'kernel', got 'auto'"),
+        ({"method": "auto"}, "`method` must be 'log', 'kernel' or 'stabilised', got 'auto'"),
         ({"cost": "manhattan"}, "`cost` must be one of 'sqeuclidean', 'euclidean', 'cosine'"),
         ({"cost_scale": float("nan")}, "`cost_scale` must be a finite float"),
         ({"max_iter": 2.5}, "`max_iter` must be an int >= 0"),

@@ -46,7 +46,11 @@ def call(**overrides):
         ({"eps": torch.tensor([0.1, 0.1, 0.1])}, ValueError, r"`eps` must be \(B,\) = \(2,\)"),
         ({"eps": torch.tensor([0.1, 0.0])}, ValueError, r"`eps` must be > 0"),
         ({"eps": torch.tensor([1, 2])}, TypeError, r"`eps` must be a floating tensor"),
-        ({"method": "sinkhorn"}, ValueError, r"`method` must be one of 'log', 'kernel', 'auto'"),
+        (
+            {"method": "sinkhorn"},
+            ValueError,
+            r"`method` must be one of 'log', 'kernel', 'stabilised', 'auto'",
+        ),
         ({"grad": "autodiff"}, ValueError, r"`grad` must be one of"),
         ({"backend": "cuda"}, ValueError, r"`backend` must be one of"),
         ({"max_iter": -1}, ValueError, r"`max_iter` must be >= 0, got -1"),
@@ -54,6 +58,7 @@ def call(**overrides):
         ({"tol": 0}, ValueError, r"`tol` must be > 0"),
         ({"tol": "1e-5"}, TypeError, r"`tol` must be a positive float or None"),
         ({"eps_scaling": 1.5}, ValueError, r"`eps_scaling` must be None or a float in \(0, 1\)"),
+        ({"eps_stage_iters": 0}, ValueError, r"`eps_stage_iters` must be >= 1, got 0"),
         ({"init": (A,)}, TypeError, r"`init` must be a pair \(f, g\)"),
         ({"init": (A, A)}, ValueError, r"`init\[1\] \(g\)` must have shape \(2, 3\), got \(2, 4\)"),
         (

@@ -54,8 +54,9 @@ inline LoopSettings check_common(const char* op, const at::Tensor& ref, const ch
               ": `eps_table` must have shape (B, S) = (", batch, ", S) with S >= 1, got ",
               eps_table.sizes());
   check_input(op, eps_table, "eps_table", eps_table.sizes(), ref, ref_name);
-  TORCH_CHECK(method == "log" || method == "kernel", op,
-              ": `method` must be \"log\" or \"kernel\", got \"", method, "\"");
+  TORCH_CHECK(method == "log" || method == "kernel" || method == "stabilised", op,
+              ": `method` must be \"log\", \"kernel\" or \"stabilised\", got \"", method,
+              "\"");
   TORCH_CHECK(max_iter >= 0, op, ": `max_iter` must be >= 0, got ", max_iter);
   TORCH_CHECK(!tol.has_value() || !std::isnan(*tol), op, ": `tol` must not be NaN");
   if (rho.has_value()) check_input(op, *rho, "rho", {batch, 2}, ref, ref_name);
@@ -66,7 +67,9 @@ inline LoopSettings check_common(const char* op, const at::Tensor& ref, const ch
   settings.max_iter = max_iter;
   settings.has_tol = tol.has_value();
   settings.tol = tol.value_or(0.0);
-  settings.method = method == "log" ? Method::kLog : Method::kKernel;
+  settings.method = method == "kernel"       ? Method::kKernel
+                    : method == "stabilised" ? Method::kStabilised
+                                             : Method::kLog;
   return settings;
 }
 

@@ -24,6 +24,7 @@
 
 #include "../loop_rules.h"
 #include "problem.h"
+#include "stabilised.h"
 #include "steps.h"
 
 namespace sinkhorn_ot::cpu {
@@ -121,6 +122,11 @@ Outcome solve_problem(const Problem<T>& p, const LoopSettings& s, Workspace<T>& 
     grow(ws.kernel, n_eff * m_eff);
     grow(ws.pad, std::max((p.n - n_eff) * m_eff, n_eff * (p.m - m_eff)));
     KernelSteps<T, For> steps{{p, n_eff, m_eff, ws, par}};
+    return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
+  }
+  if (s.method == Method::kStabilised) {
+    grow(ws.kernel, n_eff * m_eff);
+    StabilisedSteps<T, For> steps{{p, n_eff, m_eff, ws, par}};
     return sinkhorn_loop(p, s, steps, n_eff, m_eff, ws);
   }
   LogSteps<T, For> steps{{p, n_eff, m_eff, ws, par}};

@@ -11,7 +11,9 @@
 
 namespace sinkhorn_ot::cpu {
 
-enum class Method : int64_t { kLog = 0, kKernel = 1 };
+// kStabilised: the log-domain iterates by the stabilised kernel form (stabilised.h) on
+// a dense cost; point clouds run it as kLog (it would store an N x M kernel).
+enum class Method : int64_t { kLog = 0, kKernel = 1, kStabilised = 2 };
 
 struct LoopSettings {
   int64_t max_iter = 0;
@@ -49,6 +51,8 @@ template <typename T>
 struct Workspace {
   std::vector<T> f_next, g_prev, log_a, log_b, shifted, row_top, col_max, col_sum, scal, kernel,
       pad;
+  // Stabilised kernel form (stabilised.h): reference and latest potentials.
+  std::vector<T> f_hat, g_hat, f_seen, g_seen;
   // Point clouds (point_cloud.h): each side's points row-major, transposed, and |p|^2.
   std::vector<T> x_rows, x_cols, x_sq, y_rows, y_cols, y_sq;
 };

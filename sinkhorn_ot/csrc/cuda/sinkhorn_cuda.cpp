@@ -63,9 +63,11 @@ void check_input(const Tensor& t, const char* op, const char* name, const Tensor
               "` must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
 }
 
+// "stabilised" runs the log-domain kernels on CUDA (the same iterates; the stabilised
+// kernel form is a CPU implementation of them, see csrc/cpu/stabilised.h).
 bool kernel_method(std::string_view method, const char* op) {
-  TORCH_CHECK(method == "log" || method == "kernel", "sinkhorn_ot.", op,
-              " (CUDA): method must be 'log' or 'kernel', got '", method, "'");
+  TORCH_CHECK(method == "log" || method == "kernel" || method == "stabilised", "sinkhorn_ot.", op,
+              " (CUDA): method must be 'log', 'kernel' or 'stabilised', got '", method, "'");
   return method == "kernel";
 }
 
