@@ -32,8 +32,7 @@ import numbers
 
 import torch
 
-#: The ``stop`` values of :func:`sinkhorn_ot.sinkhorn`.
-STOP_RULES = ("marginals", "potentials")
+from .options import STOP_RULES  # noqa: F401  (re-exported: the ``stop`` values)
 
 
 def check_rho(name: str, rho: object, batch: int, batched: bool, ref: torch.Tensor):

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("log", "kernel", "stabilised", "auto")
-GRADS = ("implicit", "envelope", "unroll", "none")
-BACKENDS = ("auto", "torch", "native")
+from .options import BACKENDS, GRADS, METHODS  # noqa: F401  (re-exported)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: Devices whose tensors carry shapes but no values: nothing can be solved there.

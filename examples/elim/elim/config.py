@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhorn_ot._validation import BACKENDS as SOLVER_BACKENDS
-from sinkhorn_ot._validation import GRADS as SOLVER_GRADS
+from sinkhorn_ot.options import BACKENDS as SOLVER_BACKENDS
+from sinkhorn_ot.options import GRADS as SOLVER_GRADS
 
 try:
     import tomllib

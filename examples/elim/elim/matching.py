@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import sinkhorn_ot
-from sinkhorn_ot._validation import BACKENDS, GRADS, METHODS
+from sinkhorn_ot.options import BACKENDS, GRADS, METHODS
 
 __all__ = [
     "DomainGroups",
