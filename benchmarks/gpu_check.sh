@@ -16,6 +16,9 @@
 #   5. benchmark grid (benchmarks/gpu/bench.py: dense sections, then the point-cloud grid,
 #      N = M up to 100 000, D in {3, 64}, in pair evaluations per second)
 #                                                           -> bench.json, bench.md
+#   5b. fixed cost of a sinkhorn() call against the bare op, host reads and kernel
+#      launches per call (benchmarks/test_call_overhead.py; needs pytest-benchmark,
+#      carry its wheel)                                     -> cuda-call-overhead.md
 #   6. summary of all of it                                 -> summary.md
 # Budget: about 6 minutes on one H100/H200 with MAX_JOBS=16 (the issue allows 8).
 # Exit status: non-zero if the build or any CUDA test failed.
@@ -92,6 +95,15 @@ tail -3 "$OUT_DIR/distributed.log"
 stamp "5. benchmarks"
 timeout 140 "$PY" benchmarks/gpu/bench.py --out "$OUT_DIR" 2>&1 | tail -40
 
+stamp "5b. per-call overhead"
+if "$PY" -c "import pytest_benchmark" 2> /dev/null; then
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_call_overhead.py \
+    --benchmark --bench-device cuda --bench-out "$OUT_DIR" > "$OUT_DIR/call_overhead.log" 2>&1
+  tail -12 "$OUT_DIR/call_overhead.log"
+else
+  echo "pytest-benchmark missing (carry its wheel in .whl/): per-call overhead not measured"
+fi
+
 stamp "4b. torch.compile and opcheck tests"
 # One compile thread: no inductor worker pool (one hung the interpreter at exit once).
 TORCHINDUCTOR_COMPILE_THREADS=1 timeout 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py \
@@ -113,6 +125,7 @@ stamp "6. summary"
   echo '```'
   echo
   [ -f "$OUT_DIR/bench.md" ] && cat "$OUT_DIR/bench.md"
+  [ -f "$OUT_DIR/cuda-call-overhead.md" ] && cat "$OUT_DIR/cuda-call-overhead.md"
   echo
   echo "## Failures"
   echo '```'
