@@ -96,7 +96,7 @@ def figure(result: dict, out: str) -> None:
     frames = result["frames"]
     y = result["target"]
     every = torch.cat([y, *frames.values()])
-    low, high = every.amin(0) - 0.1, every.amax(0) + 0.1
+    low, high = (every.amin(0) - 0.1).tolist(), (every.amax(0) + 0.1).tolist()
     fig, axes = plt.subplots(1, len(frames) + 1, figsize=(2.4 * (len(frames) + 1), 2.6))
     for ax, (step, x) in zip(axes, frames.items(), strict=False):
         ax.scatter(*y.T, s=1, c="tab:orange", alpha=0.4)
