@@ -235,12 +235,11 @@ def test_divergence_training_loop(bench):
         },
     )
 
-    # One judge for both runs: the converged divergence in float64 (tol 1e-6 needs more
-    # than 5000 updates at blur 0.05 on these clouds: residual 1.3e-5 in the first run).
+    # One judge for both runs: the divergence in float64 under a slow annealing (scaling
+    # 0.99, about a thousand updates). mode="converged" would be the natural judge, but
+    # at blur 0.05 on these clouds it needs more than 5000 updates even for tol 1e-4.
     def final(x):
-        value = sinkhorn_divergence(
-            x.double(), y.double(), blur=BLUR, mode="converged", tol=1e-4, max_iter=5000
-        )
+        value = sinkhorn_divergence(x.double(), y.double(), blur=BLUR, scaling=0.99)
         return float(value.sum())
 
     row = {
@@ -344,7 +343,7 @@ def _write(bench) -> None:
         lines += [
             "## Training loop (B = 4, N = 500, M = 600, D = 3, 50 Adam steps on x, lr 0.01)",
             "",
-            "| | ms per step | final loss (sum over B, converged float64 divergence) |",
+            "| | ms per step | final loss (sum over B, float64 divergence, scaling 0.99) |",
             "|---|---|---|",
             f"| start | | {r['start']:.6f} |",
             f"| ours `SinkhornLoss` | {r['ours_ms']:.1f} | {r['ours_final']:.6f} |",
