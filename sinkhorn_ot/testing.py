@@ -25,6 +25,38 @@ if TYPE_CHECKING:  # hypothesis is a test dependency, imported only when a strat
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+def default_init(a: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The solver's initial row potential ``f0 = -eps log a`` (0 on padding), ``(B, N)``.
+
+    For tests that call the loops or native ops directly with the start
+    :func:`sinkhorn_ot.sinkhorn` uses. ``a`` is ``(B, N)``, ``eps`` ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot.testing import default_init
+        >>> default_init(torch.tensor([[0.5, 0.0]]), torch.tensor([0.1])).tolist()
+        [[0.06931471824645996, 0.0]]
+    """
+    positive = a > 0
+    return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str):
+    """Assert ``|actual - expected| <= rtol * max(1, max |expected|)`` entrywise (in float64).
+
+    ``actual`` and ``expected`` have one shape, e.g. potentials ``(B, N)``; ``what`` names
+    them in the failure message.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot.testing import assert_close_rel
+        >>> assert_close_rel(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-7]), 1e-6, "f")
+    """
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((actual.double() - expected.double()).abs().max())
+    assert diff <= rtol * scale, f"{what}: max abs difference {diff:.3g} > {rtol * scale:.3g}"
+
+
 def random_problem(
     batch: int,
     n: int,

@@ -36,7 +36,7 @@ import torch
 from sinkhorn_ot import KernelUnderflowError, PointCloud, costs, native, sinkhorn
 from sinkhorn_ot._loop import _raise_non_finite, eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
-from sinkhorn_ot.testing import random_problem
+from sinkhorn_ot.testing import assert_close_rel, default_init, random_problem
 
 HAS_GPU = torch.cuda.is_available()
 INF = math.inf
@@ -51,11 +51,6 @@ gpu = [pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA
 
 # --------------------------------------------------------------------------------------
 # Helpers
-
-
-def default_f0(a, eps):
-    positive = a > 0
-    return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
 
 
 def problem(B, N, M, dtype, device="cpu", seed=0, pad=False, eps=0.1):
@@ -108,13 +103,6 @@ def dense_cost(x, y, cost, cost_scale):
     """The torch reference cost of the points: built in float64 (so that a float32 kernel
     and its reference differ by roundings of C only), in the dtype of the points."""
     return (COSTS[cost](x.double(), y.double()) * cost_scale).to(x.dtype)
-
-
-def assert_close_rel(actual, expected, rtol, what):
-    """|actual - expected| <= rtol * max(1, max |expected|) entrywise."""
-    scale = max(1.0, float(expected.abs().max()))
-    diff = float((actual.double() - expected.double()).abs().max())
-    assert diff <= rtol * scale, f"{what}: max abs difference {diff:.3g} > {rtol * scale:.3g}"
 
 
 def assert_parity(ref, out, dtype):
@@ -267,7 +255,7 @@ def test_emulated_kernels_match_torch(emulated, path, shape, method, dtype):
     # launch): a larger eps converges in about ten iterations (problems still stop apart).
     eps = 1.0 if path == "large" else 0.1
     C, a, b, eps = problem(B, N, M, dtype, seed=N + M, pad=N > 8, eps=eps)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     kw = {"max_iter": 60, "tol": TOL[dtype], "method": method}
     ref = torch_solve(C, a, b, eps, f0, **kw)
     out = emu_solve(emulated, C, a, b, eps, f0, path=path, **kw)
@@ -278,7 +266,7 @@ def test_emulated_kernels_match_torch(emulated, path, shape, method, dtype):
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_emulated_annealing_and_fixed_iterations(emulated, path):
     C, a, b, eps = problem(2, 19, 13, torch.float64, seed=3, eps=0.2)
-    f0 = default_f0(a, eps) + 0.1  # a warm start
+    f0 = default_init(a, eps) + 0.1  # a warm start
     for kw in [
         {"max_iter": 25, "tol": 1e-9, "method": "log", "eps_scaling": 0.6},
         {"max_iter": 7, "tol": None, "method": "kernel", "eps_scaling": 0.5},
@@ -300,7 +288,7 @@ def test_emulated_kernel_underflow_returns_non_finite(emulated, path):
         a,
         b,
         eps,
-        default_f0(a, eps),
+        default_init(a, eps),
         max_iter=20,
         tol=1e-5,
         method="kernel",
@@ -349,7 +337,7 @@ def test_emulated_unbalanced_match_torch(emulated, path, shape, method, stop):
     b = b * 2.5  # unequal masses: only the balanced problem is rescaled back
     b[2] = b[2] / 2.5
     rho = mixed_relaxation(B, torch.float64)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     kw = {"max_iter": 60, "tol": 1e-9, "method": method}
     ref = relaxed_reference(C, a, b, eps, f0, rho, stop, **kw)
     table = table_of(C, eps, None)
@@ -362,7 +350,7 @@ def test_emulated_unbalanced_match_torch(emulated, path, shape, method, stop):
 def test_emulated_points_unbalanced_match_torch(emulated, method):
     x, y, a, b, eps = points_problem(3, 70, 33, 3, torch.float64, seed=5, pad=True)
     rho = mixed_relaxation(3, torch.float64)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     C = dense_cost(x, y, "sqeuclidean", 1.0)
     kw = {"max_iter": 60, "tol": 1e-9, "method": method}
     ref = relaxed_reference(C, a, b, eps, f0, rho, "marginals", **kw)
@@ -383,7 +371,7 @@ def points_parity(emulated, shape, cost, method, dtype, *, sm_count=EMU_SMS, **k
     B, N, M, D = shape
     x, y, a, b, eps = points_problem(B, N, M, D, dtype, seed=N + M + D, pad=N > 8)
     scale = unit_scale(cost, D)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     run = {"max_iter": 60, "tol": TOL[dtype], "method": method, **kw}
     ref = torch_solve(dense_cost(x, y, cost, scale), a, b, eps, f0, **run)
     out = emu_points(
@@ -421,7 +409,7 @@ def test_emulated_points_annealing_and_fixed_iterations(emulated, cost):
     x, y, a, b, eps = points_problem(2, 19, 13, 3, torch.float64, seed=3, pad=True, eps=0.05)
     scale = unit_scale(cost, 3)
     C = dense_cost(x, y, cost, scale)
-    f0 = default_f0(a, eps) + 0.1  # a warm start
+    f0 = default_init(a, eps) + 0.1  # a warm start
     for kw in [
         {"max_iter": 40, "tol": 1e-9, "method": "log", "eps_scaling": 0.6},
         {"max_iter": 7, "tol": None, "method": "kernel", "eps_scaling": 0.5},
@@ -438,7 +426,7 @@ def test_emulated_points_annealing_and_fixed_iterations(emulated, cost):
 @pytest.mark.slow
 def test_emulated_points_kernel_underflow_returns_non_finite(emulated):
     x, y, a, b, eps = points_problem(2, 6, 9, 3, torch.float32, eps=1e-3)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     kw = {"cost": "sqeuclidean", "cost_scale": 100.0, "max_iter": 20, "tol": 1e-5}
     _, g, _, err = emu_points(emulated, x, y, a, b, eps, f0, method="kernel", **kw)
     assert not (bool(torch.isfinite(err).all()) and bool(torch.isfinite(g).all()))
@@ -491,7 +479,7 @@ def native_points(
 
 def both_on_gpu(C, a, b, eps, f0=None, **kw):
     if f0 is None:
-        f0 = default_f0(a, eps)
+        f0 = default_init(a, eps)
     ref = torch_solve(C, a, b, eps, f0, **kw)
     out = native_dense(C, a, b, eps, f0, **kw)
     assert out[0].device == C.device
@@ -523,7 +511,7 @@ def test_gpu_parity_with_torch_backend(shape, method, dtype, path):
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
 def test_gpu_annealing_warm_start_max_iter_zero(method, path):
     C, a, b, eps = problem(3, 40, 33, torch.float64, device="cuda", seed=5, eps=0.01)
-    f0 = default_f0(a, eps) + 0.3
+    f0 = default_init(a, eps) + 0.3
     for kw in [
         {"max_iter": 400, "tol": 1e-9, "eps_scaling": 0.7},
         {"max_iter": 9, "tol": None, "eps_scaling": 0.5},
@@ -687,10 +675,10 @@ def test_gpu_torch_compile():
 def test_gpu_opcheck(dtype):
     C, a, b, eps = problem(3, 8, 6, dtype, device="cuda")
     table = table_of(C, eps, 0.5)
-    args = (C, a, b, default_f0(a, eps), table, 50, 1e-6, "log")
+    args = (C, a, b, default_init(a, eps), table, 50, 1e-6, "log")
     torch.library.opcheck(torch.ops.sinkhorn_ot.solve.default, args)
     x, y, a, b, eps = points_problem(3, 8, 6, 5, dtype, device="cuda")
-    args = (x, y, a, b, default_f0(a, eps), eps.unsqueeze(-1), 50, None, "kernel", "cosine", 1.0)
+    args = (x, y, a, b, default_init(a, eps), eps.unsqueeze(-1), 50, None, "kernel", "cosine", 1.0)
     torch.library.opcheck(torch.ops.sinkhorn_ot.solve_points.default, args)
 
 
@@ -701,10 +689,12 @@ def test_gpu_opcheck(dtype):
 def test_gpu_kernel_underflow_raises(path):
     C, a, b, eps = problem(2, 6, 9, torch.float32, device="cuda", eps=1e-3)
     with pytest.raises(KernelUnderflowError):
-        native_dense(100 * C, a, b, eps, default_f0(a, eps), max_iter=20, tol=1e-5, method="kernel")
+        native_dense(
+            100 * C, a, b, eps, default_init(a, eps), max_iter=20, tol=1e-5, method="kernel"
+        )
     # The log form is stable at the same eps.
     f, _, _, err = native_dense(
-        100 * C, a, b, eps, default_f0(a, eps), max_iter=20, tol=1e-5, method="log"
+        100 * C, a, b, eps, default_init(a, eps), max_iter=20, tol=1e-5, method="log"
     )
     assert bool(torch.isfinite(f).all()) and not math.isnan(float(err.max()))
 
@@ -714,7 +704,7 @@ def test_gpu_kernel_underflow_raises(path):
 @pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
 def test_gpu_op_runs_on_the_current_stream_and_device_guard():
     C, a, b, eps = problem(4, 20, 20, torch.float32, device="cuda", seed=9)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     expected = native_dense(C, a, b, eps, f0, max_iter=50, tol=None, method="log")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -747,7 +737,7 @@ def test_gpu_points_match_torch_on_dense_cost(shape, cost, method, dtype):
     x, y, a, b, eps = points_problem(*shape, dtype, device="cuda", seed=sum(shape), pad=N > 8)
     scale = unit_scale(cost, D)
     C = dense_cost(x, y, cost, scale)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     for kw in [
         {"max_iter": 300, "tol": TOL[dtype]},
         {"max_iter": 25, "tol": None},
@@ -765,7 +755,7 @@ def test_gpu_points_match_torch_on_dense_cost(shape, cost, method, dtype):
 def test_gpu_points_large_batch_and_underflow():
     x, y, a, b, eps = points_problem(64, 40, 50, 3, torch.float32, device="cuda", seed=2)
     C = dense_cost(x, y, "sqeuclidean", 1.0)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     kw = {"max_iter": 500, "tol": 1e-4, "method": "log"}
     ref = torch_solve(C, a, b, eps, f0, **kw)
     out = native_points(x, y, a, b, eps, f0, cost="sqeuclidean", cost_scale=1.0, **kw)

@@ -20,7 +20,7 @@ import torch
 from sinkhorn_ot import KernelUnderflowError, _build, native, ops, pad_batch, sinkhorn
 from sinkhorn_ot._loop import eps_table
 from sinkhorn_ot._loop import solve_potentials as torch_solve
-from sinkhorn_ot.testing import random_problem
+from sinkhorn_ot.testing import assert_close_rel, default_init, random_problem
 
 
 def _toolchain_missing() -> str | None:
@@ -52,21 +52,9 @@ def built():
     assert ok, f"the native CPU backend must build on a machine with a toolchain: {reason}"
 
 
-def default_f0(a, eps):
-    positive = a > 0
-    return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
-
-
-def assert_close_rel(actual, expected, rtol, what):
-    """|actual - expected| <= rtol * max(1, max |expected|) entrywise."""
-    scale = max(1.0, float(expected.abs().max()))
-    diff = float((actual - expected).abs().max())
-    assert diff <= rtol * scale, f"{what}: max abs difference {diff:.3g} > {rtol * scale:.3g}"
-
-
 def both(C, a, b, eps, f0=None, **kw):
     if f0 is None:
-        f0 = default_f0(a, eps)
+        f0 = default_init(a, eps)
     ref = torch_solve(C, a, b, eps, f0, **kw)
     out = native.solve_potentials(C, a, b, eps, f0, **kw)
     return ref, out
@@ -132,7 +120,7 @@ def test_parity_ragged_padding(method, dtype):
             a[k : k + 1, :n],
             b[k : k + 1, :m],
             eps[k : k + 1],
-            default_f0(a[k : k + 1, :n], eps[k : k + 1]),
+            default_init(a[k : k + 1, :n], eps[k : k + 1]),
             max_iter=3000,
             tol=tol,
             method=method,
@@ -210,7 +198,7 @@ def test_parity_large_problem_both_parallel_paths(dtype, threads):
 
 def test_results_do_not_depend_on_thread_count():
     C, a, b, eps = problem(1, 200, 301, torch.float32, seed=8, eps=0.05)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     previous = torch.get_num_threads()
     runs = []
     try:
@@ -237,7 +225,7 @@ def test_kernel_underflow_raises_like_torch(dtype):
     C, a, b, _ = problem(2, 8, 9, dtype)
     C = C * 50
     eps = torch.full((2,), 1e-3, dtype=dtype)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     kw = {"max_iter": 20, "tol": 1e-6, "method": "kernel"}
     with pytest.raises(KernelUnderflowError, match="method='log'"):
         torch_solve(C, a, b, eps, f0, **kw)
@@ -280,7 +268,7 @@ def test_native_matches_pot_log_sinkhorn():
 def op_args(dtype, method="log", tol=1e-6, scaling=None):
     C, a, b, eps = problem(3, 6, 5, dtype, seed=12)
     table = eps_table(eps, C.abs().amax(dim=(1, 2)), scaling)
-    return (C, a, b, default_f0(a, eps), table, 50, tol, method)
+    return (C, a, b, default_init(a, eps), table, 50, tol, method)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -322,7 +310,7 @@ def test_eps_table_equals_eps_scaling(method, dtype):
     # The op on the table of _loop.eps_table runs the torch loop's annealing.
     C, a, b, _ = problem(3, 15, 12, dtype, seed=6)
     eps = torch.tensor([0.02, 0.05, 0.03], dtype=dtype)
-    f0 = default_f0(a, eps)
+    f0 = default_init(a, eps)
     table = eps_table(eps, C.abs().amax(dim=(1, 2)), 0.7)
     tol = 1e-8 if dtype == torch.float64 else 1e-3
     ref = torch_solve(C, a, b, eps, f0, max_iter=3000, tol=tol, method=method, eps_scaling=0.7)

@@ -15,7 +15,7 @@ import torch
 
 from sinkhorn_ot import native, pad_batch, sinkhorn
 from sinkhorn_ot._loop import solve_potentials as torch_solve
-from sinkhorn_ot.testing import random_problem
+from sinkhorn_ot.testing import assert_close_rel, default_init, random_problem
 
 DTYPES = [torch.float64, torch.float32]
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -26,18 +26,6 @@ def built():
     ok, reason = native.availability(torch.device("cpu"), torch.float64)
     if not ok:
         pytest.skip(f"native-cpu unavailable: {reason}")
-
-
-def default_f0(a, eps):
-    positive = a > 0
-    return torch.where(positive, -eps.unsqueeze(-1) * torch.where(positive, a, 1).log(), 0)
-
-
-def assert_close_rel(actual, expected, rtol, what):
-    """|actual - expected| <= rtol * max(1, max |expected|) entrywise."""
-    scale = max(1.0, float(expected.abs().max()))
-    diff = float((actual - expected).abs().max())
-    assert diff <= rtol * scale, f"{what}: max abs difference {diff:.3g} > {rtol * scale:.3g}"
 
 
 def normalised(f, g, a, b):
@@ -54,7 +42,7 @@ def problem(batch, n, m, dtype, seed=0, eps=0.1):
 def both(C, a, b, eps, f0=None, **kw):
     """The torch log domain and the native stabilised loop from the same start."""
     if f0 is None:
-        f0 = default_f0(a, eps)
+        f0 = default_init(a, eps)
     ref = torch_solve(C, a, b, eps, f0, method="log", **kw)
     out = native.solve_potentials(C, a, b, eps, f0, method="stabilised", **kw)
     return ref, out
