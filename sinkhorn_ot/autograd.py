@@ -400,17 +400,26 @@ def _schur_cg_products(p_mv, p_rmv, a_safe, b_safe, real_g, rhs, pinned=None):
     p = z
     rz = (r * z).sum(-1, keepdim=True)
     target = CG_RTOL.get(dtype, 1e-6) * r.norm(dim=-1, keepdim=True)
+    # Each problem stops on its own: at its tolerance, or at a breakdown (curvature or
+    # r.z not positive). A problem kept iterating once its residual is rounding noise
+    # (a right-hand side that cancels to 1e-17, as for the value of a self-transport
+    # problem) meets non-positive curvature, and a clamped step then overflows to NaN.
+    active = r.norm(dim=-1, keepdim=True) > target
     for _ in range(CG_MAX_ITER):
-        if bool((r.norm(dim=-1, keepdim=True) <= target).all()):
+        if not bool(active.any()):
             break
         Sp = project(matvec(p))
-        alpha = rz / (p * Sp).sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        curvature = (p * Sp).sum(-1, keepdim=True)
+        step = active & (curvature > 0) & (rz > 0)
+        alpha = torch.where(step, rz / torch.where(step, curvature, 1), 0)
         x = x + alpha * p
         r = r - alpha * Sp
         z = project(r / b_safe)
         rz_next = (r * z).sum(-1, keepdim=True)
-        p = z + (rz_next / rz.clamp_min(torch.finfo(dtype).tiny)) * p
-        rz = rz_next
+        beta = torch.where(step, rz_next / torch.where(step, rz, 1), 0)
+        p = torch.where(step, z + beta * p, p)
+        rz = torch.where(step, rz_next, rz)
+        active = step & (r.norm(dim=-1, keepdim=True) > target)
     return x
 
 

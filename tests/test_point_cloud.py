@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkhorn_ot import DenseCost, LazyPlan, PointCloud, costs, sinkhorn
+from sinkhorn_ot import (
+    DenseCost,
+    LazyPlan,
+    PointCloud,
+    SinkhornConvergenceWarning,
+    costs,
+    sinkhorn,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COSTS = ("sqeuclidean", "euclidean", "cosine")
@@ -322,6 +329,32 @@ def test_implicit_matches_dense_implicit_and_unroll():
     for name, gl, gd, gu in zip("x y a b eps".split(), lazy, dense, unroll, strict=True):
         assert rel_err(gl, gd) <= 1e-8, name
         assert rel_err(gl, gu) <= 1e-6, name
+
+
+def test_implicit_self_transport_value_gradient_is_finite():
+    """OT(β, β) between a cloud and itself, converged to 1e-7 but stopped at max_iter:
+    the adjoint's right-hand side cancels to about 1e-17, and the conjugate gradients
+    once kept stepping on that rounding noise until it overflowed (NaN gradients). The
+    oracle is the envelope gradient (Danskin), exact at a fixed point."""
+    gen = torch.Generator().manual_seed(7)
+    torch.randn(2, 9, 2, generator=gen, dtype=torch.float64)  # the same stream as the report
+    y = torch.randn(2, 7, 2, generator=gen, dtype=torch.float64) + 0.5
+    torch.rand(2, 9, generator=gen, dtype=torch.float64)
+    b = torch.rand(2, 7, generator=gen, dtype=torch.float64) + 0.1
+    b = b / b.sum(-1, keepdim=True)
+    out = {}
+    for grad in ("implicit", "envelope"):
+        rows, cols = y.clone().requires_grad_(), y.clone().requires_grad_()
+        with pytest.warns(SinkhornConvergenceWarning):
+            res = sinkhorn(
+                PointCloud(rows, cols, scale=0.5), b, b, eps=0.09, tol=1e-12, max_iter=3000,
+                grad=grad, backend="torch",
+            )  # fmt: skip
+        assert float(res.err.max()) < 1e-5
+        out[grad] = torch.autograd.grad(res.value.sum(), (rows, cols))
+    for implicit, envelope in zip(out["implicit"], out["envelope"], strict=True):
+        assert bool(torch.isfinite(implicit).all())
+        assert rel_err(implicit, envelope) <= 1e-4
 
 
 def test_envelope_point_gradient_is_plan_weighted_cost_gradient():
