@@ -313,8 +313,9 @@ def divergence_value(parts, a, b, eps: float, rho: float | None, debias: bool):
     exp(-f_aa / rho) - exp(-f_ba / rho)> + <b, exp(-g_bb / rho) - exp(-g_ab / rho)>)``,
     which includes the mass term ``eps / 2 (m(a) - m(b))^2``; without debiasing the self
     terms are replaced by 1. Its gradients use ``rho + eps`` instead of ``rho + eps / 2``
-    (the first variation of the unbalanced cost, same proposition); GeomLoss states this
-    but its autograd applies ``rho + eps / 2`` to both.
+    (the first variation of the unbalanced cost, same proposition; less ``eps / 2`` per
+    weight without debiasing, the derivative of the mass term those 1s carry); GeomLoss
+    states this but its autograd applies ``rho + eps / 2`` to both.
     """
     batch, n, m = a.shape[0], a.shape[1], b.shape[1]
     f_ba, g_ab = parts[:batch, :n], parts[batch : 2 * batch, :m]
@@ -331,4 +332,11 @@ def divergence_value(parts, a, b, eps: float, rho: float | None, debias: bool):
     self_a, self_b = (f_aa, g_bb) if debias else (None, None)
     terms = (a * (kept(self_a) - kept(f_ba))).sum(-1) + (b * (kept(self_b) - kept(g_ab))).sum(-1)
     forward, backward = rho + eps / 2, rho + eps
-    return forward * terms.detach() + backward * (terms - terms.detach())
+    value = forward * terms.detach() + backward * (terms - terms.detach())
+    if not debias:
+        # The 1s standing for the self terms are the mass term eps (m(a) + m(b)) / 2 of
+        # the raw cost, whose derivative is eps / 2, not rho + eps (checked against
+        # finite differences).
+        mass = a.sum(-1) + b.sum(-1)
+        value = value - 0.5 * eps * (mass - mass.detach())
+    return value

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _divergence_args as args
+from ._divergence_implicit import implicit_value
 from ._divergence_loop import (
     SymmetricLoop,
     centred,
@@ -37,11 +38,12 @@ from ._divergence_loop import (
 )
 from ._divergence_schedule import bounding_diameters, epsilon_table
 from ._validation import check_choice, check_int, check_tol, compute_dtype
-from .geometry import DEFAULT_BLOCK_ELEMENTS, DenseCost
+from .geometry import DEFAULT_BLOCK_ELEMENTS, DenseCost, PointCloud
 
 __all__ = ["SinkhornLoss", "sinkhorn_divergence"]
 
 MODES = ("annealed", "converged")
+GRADS = ("envelope", "implicit")
 BACKENDS = ("auto", "torch")
 #: The cost of each ``p``: GeomLoss's ``|x - y|^p / p``.
 POINT_COST = {1: ("euclidean", 1.0), 2: ("sqeuclidean", 0.5)}
@@ -61,6 +63,7 @@ def sinkhorn_divergence(
     eps: float | None = None,
     diameter: float | None = None,
     mode: str = "annealed",
+    grad: str = "envelope",
     tol: float = 1e-6,
     max_iter: int = 1000,
     store_cost: bool | None = None,
@@ -100,6 +103,11 @@ def sinkhorn_divergence(
             ``"converged"`` (then continue at ``eps`` until the fixed-point residual,
             for balanced problems the relative L1 marginal violation of each plan, is
             ``<= tol``; a :class:`SinkhornConvergenceWarning` if ``max_iter`` runs out).
+        grad: ``"envelope"`` (default; GeomLoss's: the last update differentiated with
+            its inputs detached) or ``"implicit"`` (``mode="converged"`` only: the three
+            converged problems are handed to :func:`sinkhorn_ot.sinkhorn` with
+            ``grad="implicit"``, warm-started, and the value is assembled from theirs,
+            so the gradients are those of the exact fixed points).
         tol, max_iter: stopping rule of ``mode="converged"``.
         store_cost: keep the stacked point-cloud cost (``4 B K^2`` entries, ``K =
             max(N, M)``) during the loop instead of recomputing it; ``None`` = while it
@@ -107,12 +115,14 @@ def sinkhorn_divergence(
             otherwise, gradients included.
         block_elements: entries of one cost block (:class:`sinkhorn_ot.PointCloud`).
         backend: ``"auto"`` or ``"torch"``: the loop runs on the geometry's torch
-            half-steps (the native ops run whole standard loops, not these updates).
+            half-steps (the native ops run whole standard loops, not these updates);
+            with ``grad="implicit"`` the three final solves use this backend.
 
     Returns:
         ``(B,)`` values (a scalar for unbatched input), differentiable w.r.t. ``x``,
-        ``y``, ``a``, ``b`` (envelope gradients: the last update differentiated with its
-        inputs detached; exact at convergence).
+        ``y``, ``a``, ``b`` (see ``grad``; both are exact at convergence; for balanced
+        problems the gradients w.r.t. ``a`` and ``b`` are defined up to a constant, as
+        for :func:`sinkhorn_ot.sinkhorn`).
 
     Example:
         >>> import torch
@@ -131,6 +141,12 @@ def sinkhorn_divergence(
     scaling = args.check_scaling(scaling)
     diameter = args.positive_float("diameter", diameter, optional=True)
     mode = check_choice("mode", mode, MODES)
+    grad = check_choice("grad", grad, GRADS)
+    if grad == "implicit" and mode != "converged":
+        raise ValueError(
+            "sinkhorn_divergence(grad='implicit') needs mode='converged': the implicit "
+            "gradient is that of a fixed point, and the annealed mode does not end at one"
+        )
     check_choice("backend", backend, BACKENDS)
     tol = check_tol(tol)
     max_iter = check_int("max_iter", max_iter, 0)
@@ -141,7 +157,7 @@ def sinkhorn_divergence(
     if isinstance(x, DenseCost):
         problem = _cost_problem(x, y, a, b, debias, p, diameter)
     else:
-        problem = _point_problem(x, y, a, b, debias, p, store_cost, diameter)
+        problem = _point_problem(x, y, a, b, debias, p, store_cost, diameter, block_elements)
     a, b = problem.a, problem.b
     if rho is None:
         args.check_balanced_masses(a, b)
@@ -160,6 +176,21 @@ def sinkhorn_divergence(
     target = torch.full_like(loop.table[:, :1], blur**p)
     if mode == "converged":
         state, _ = loop.converge(state, target, tol, max_iter)
+    if grad == "implicit":
+        value = implicit_value(
+            problem.geometries(),
+            state,
+            a,
+            b,
+            eps=blur**p,
+            rho=rho,
+            debias=debias,
+            tol=tol,
+            max_iter=max_iter,
+            backend=backend,
+        )
+        value = value.to(problem.dtype)
+        return value if problem.batched else value[0]
     with torch.enable_grad():
         parts = loop.extrapolate(state, target, **problem.differentiable())
         value = divergence_value(parts, a, b, blur**p, rho, debias)
@@ -168,12 +199,18 @@ def sinkhorn_divergence(
 
 
 class _Problem:
-    def __init__(self, stack, a, b, diameters, batched, dtype, differentiable):
+    """A checked divergence problem: its :class:`Stack`, weights ``(B, N)``, ``(B, M)``,
+    diameters ``(B,)``; ``differentiable()`` gives the extrapolation's differentiable
+    inputs, ``geometries()`` the three problems ``(xy, xx, yy)`` for ``grad="implicit"``.
+    """
+
+    def __init__(self, stack, a, b, diameters, batched, dtype, differentiable, geometries):
         self.stack, self.a, self.b, self.diameters = stack, a, b, diameters
         self.batched, self.dtype, self.differentiable = batched, dtype, differentiable
+        self.geometries = geometries
 
 
-def _point_problem(x, y, a, b, debias, p, store_cost, diameter):
+def _point_problem(x, y, a, b, debias, p, store_cost, diameter, block_elements):
     x, y = args.check_points("x", x), args.check_points("y", y)
     args.check_pair(x, y)
     batched = x.dim() == 3
@@ -194,7 +231,14 @@ def _point_problem(x, y, a, b, debias, p, store_cost, diameter):
     def differentiable():
         return {"rows": stacked_rows(xc, yc, stack.parts)}
 
-    return _Problem(stack, a, b, diameters, batched, dtype, differentiable)
+    def geometries():
+        def cloud(rows, cols):
+            return PointCloud(rows, cols, kind, scale=scale, block_elements=block_elements)
+
+        selves = (cloud(xc, xc), cloud(yc, yc)) if debias else (None, None)
+        return (cloud(xc, yc), *selves)
+
+    return _Problem(stack, a, b, diameters, batched, dtype, differentiable, geometries)
 
 
 def _cost_problem(C_xy, selves, a, b, debias, p, diameter):
@@ -243,7 +287,10 @@ def _cost_problem(C_xy, selves, a, b, debias, p, diameter):
         full = stack_costs(C, C_xx, C_yy, a, b, debias=debias, differentiable=True)
         return {"cost": full.cost}
 
-    return _Problem(stack, a, b, diameters, batched, dtype, differentiable)
+    def geometries():
+        return C, C_xx, C_yy
+
+    return _Problem(stack, a, b, diameters, batched, dtype, differentiable, geometries)
 
 
 class SinkhornLoss(torch.nn.Module):

@@ -70,10 +70,18 @@ def test_geomloss_parity_per_problem(reach, debias, scaling, blur):
     ref_grads = grads(ref, (x, y, a, b))
     our_grads = grads(ours, (x, y, a, b))
     # Unbalanced: GeomLoss's autograd applies its forward weight rho + eps/2 where the
-    # first variation has rho + eps (Séjourné et al. 2019, Prop. 12); see the FD test.
+    # first variation has rho + eps (Séjourné et al. 2019, Prop. 12), and without
+    # debiasing it also differentiates the raw cost's mass term eps (m(a) + m(b)) / 2
+    # with that weight; ours are checked against finite differences below.
     factor = 1.0 if reach is None else (reach**2 + blur**2) / (reach**2 + blur**2 / 2)
-    for mine, theirs in zip(our_grads, ref_grads, strict=True):
-        assert_close(mine, theirs * factor, 1e-6)
+    shift = 0.0 if reach is None or debias else blur**2 / 2  # eps / 2 on each weight
+    ga, gb = ref_grads[2:]  # a enters as mass * a
+    expected = [g * factor for g in ref_grads[:2]] + [
+        ga * factor - mass * shift,
+        gb * factor - shift,
+    ]
+    for mine, theirs in zip(our_grads, expected, strict=True):
+        assert_close(mine, theirs, 1e-6)
 
 
 @pytest.mark.parametrize("reach", [None, 0.5])
@@ -115,25 +123,90 @@ def finite_difference(fn, t, h=1e-5):
     return out
 
 
+def _mass_preserving(g):
+    # Balanced weights can only move along directions that keep the mass: compare the
+    # gradient's projection on them (the constant it is defined up to removed).
+    return g - g.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "implicit"])
+@pytest.mark.parametrize("debias", [True, False])
 @pytest.mark.parametrize("reach", [None, 0.6])
-def test_gradients_match_finite_differences_at_convergence(reach):
+def test_gradients_match_finite_differences_at_convergence(reach, debias, grad):
     x, y, a, b = clouds(3, batch=1, n=5, m=6)
     a = a * (1.2 if reach else 1.0)
-    options = dict(blur=0.4, reach=reach, mode="converged", tol=1e-13, max_iter=5000)
-    xg, ag = leaves(x, a)
-    value = sinkhorn_divergence(xg, y, ag, b, **options)
-    gx, ga = grads(value, (xg, ag))
+    options = dict(blur=0.4, reach=reach, debias=debias, mode="converged", tol=1e-13)
+    options["max_iter"] = 5000
+    xg, yg, ag = leaves(x, y, a)
+    value = sinkhorn_divergence(xg, yg, ag, b, grad=grad, **options)
+    gx, gy, ga = grads(value, (xg, yg, ag))
     fd_x = finite_difference(lambda t: sinkhorn_divergence(t, y, a, b, **options), x)
+    fd_y = finite_difference(lambda t: sinkhorn_divergence(x, t, a, b, **options), y)
     assert_close(gx, fd_x, 1e-6)
-    if reach is not None:  # balanced weights cannot move alone (GeomLoss parity covers them)
+    assert_close(gy, fd_y, 1e-6)
+    if reach is not None:
         fd_a = finite_difference(lambda t: sinkhorn_divergence(x, y, t, b, **options), a)
         assert_close(ga, fd_a, 1e-6)
+    else:  # a mass-preserving move of a, with b rescaled by the same mass (no-op here)
+        direction = torch.tensor([[1.0, -1.0, 0.5, -0.25, -0.25]], dtype=F64)
+        h = 1e-5
+        moved = [sinkhorn_divergence(x, y, a + s * h * direction, b, **options) for s in (1, -1)]
+        fd = (moved[0] - moved[1]) / (2 * h)
+        assert abs(float((ga * direction).sum() - fd)) <= 1e-6 * float(fd.abs().clamp_min(1))
 
 
-def test_converged_mode_equals_three_converged_sinkhorn_solves():
+@pytest.mark.parametrize("reach", [None, 0.5])
+def test_implicit_gradients_equal_envelope_at_convergence(reach):
+    x, y, a, b = clouds(7, batch=2, n=9, m=7)
+    b = b * (1.4 if reach else 1.0)
+    options = dict(blur=0.3, reach=reach, mode="converged", tol=1e-12, max_iter=5000)
+    out = {}
+    for grad in ("envelope", "implicit"):
+        inputs = leaves(x, y, a, b)
+        value = sinkhorn_divergence(*inputs, grad=grad, **options)
+        out[grad] = (value, *grads(value, inputs))
+    envelope, implicit = out["envelope"], out["implicit"]
+    assert_close(implicit[0], envelope[0], 1e-10)
+    for k in (1, 2):  # x, y
+        assert_close(implicit[k], envelope[k], 1e-8)
+    project = (lambda g: g) if reach else _mass_preserving
+    for k in (3, 4):  # a, b
+        assert_close(project(implicit[k]), project(envelope[k]), 1e-8)
+
+
+def test_implicit_gradients_on_given_costs():
+    x, y, a, b = clouds(8, batch=2, n=6, m=5)
+    costs = [0.5 * torch.cdist(u, v) ** 2 for u, v in ((x, y), (x, x), (y, y))]
+    options = dict(blur=0.5, mode="converged", tol=1e-12, max_iter=5000)
+    out = {}
+    for grad in ("envelope", "implicit"):
+        C_xy, C_xx, C_yy = leaves(*costs)
+        value = sinkhorn_divergence(DenseCost(C_xy), (C_xx, C_yy), a, b, grad=grad, **options)
+        out[grad] = (value, *grads(value, (C_xy, C_xx, C_yy)))
+    for mine, theirs in zip(out["implicit"], out["envelope"], strict=True):
+        assert_close(mine, theirs, 1e-8)
+
+
+def test_implicit_gradients_need_the_converged_mode():
+    x, y, a, b = clouds(9, batch=1)
+    with pytest.raises(ValueError, match=r"grad='implicit'\).*needs mode='converged'"):
+        sinkhorn_divergence(x, y, a, b, grad="implicit")
+    with pytest.raises(ValueError, match="`grad`"):
+        sinkhorn_divergence(x, y, a, b, grad="unroll")
+
+
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("reach", [None, 0.8])
+def test_converged_mode_equals_three_converged_sinkhorn_solves(reach, debias):
     x, y, a, b = leaves(*clouds(4, batch=2, n=8, m=10))
+    if reach is not None:  # unequal masses, both different from 1
+        a, b = leaves(1.3 * a.detach(), 0.6 * b.detach())
     eps = 0.5**2
-    value = sinkhorn_divergence(x, y, a, b, blur=0.5, mode="converged", tol=1e-11, max_iter=5000)
+    value = sinkhorn_divergence(
+        x, y, a, b, blur=0.5, reach=reach, debias=debias, mode="converged", tol=1e-11,
+        max_iter=5000,
+    )  # fmt: skip
+    rho = None if reach is None else reach**2
 
     def ot_value(u, v, wu, wv):
         res = sinkhorn(
@@ -141,16 +214,28 @@ def test_converged_mode_equals_three_converged_sinkhorn_solves():
             wu,
             wv,
             eps=eps,
-            tol=1e-9,
+            rho_a=rho,
+            rho_b=rho,
+            tol=1e-11,
             max_iter=20000,
             grad="envelope",
             backend="torch",
         )
         return res.value
 
-    ref = ot_value(x, y, a, b) - 0.5 * ot_value(x, x, a, a) - 0.5 * ot_value(y, y, b, b)
+    # sinkhorn()'s value is the primal cost with the generalised KL(P | a b^T), whose
+    # mass term is eps m(a) m(b); GeomLoss's formula has eps (m(a) + m(b)) / 2 instead.
+    mass_a, mass_b = a.sum(-1), b.sum(-1)
+    ref = ot_value(x, y, a, b)
+    if debias:
+        ref = ref - 0.5 * ot_value(x, x, a, a) - 0.5 * ot_value(y, y, b, b)
+        if rho is not None:
+            ref = ref + 0.5 * eps * (mass_a - mass_b) ** 2
+    elif rho is not None:
+        ref = ref + eps * (0.5 * (mass_a + mass_b) - mass_a * mass_b)
     assert_close(value, ref, 1e-9)
-    for mine, theirs in zip(grads(value, (x, y)), grads(ref, (x, y)), strict=True):
+    inputs = (x, y) if rho is None else (x, y, a, b)  # balanced weights: a gauge constant
+    for mine, theirs in zip(grads(value, inputs), grads(ref, inputs), strict=True):
         assert_close(mine, theirs, 1e-7)
 
 
