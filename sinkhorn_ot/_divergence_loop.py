@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from ._absorbed_softmin import AbsorbedSoftmin
 from ._softmin_grad import point_softmin
 from ._updates import LogStep, safe_log
@@ -164,10 +165,14 @@ class SymmetricLoop:
         table: ``(B, S)`` temperatures of every divergence problem; lengths ``(B,)``.
         rho: ``None`` (balanced) or the marginal penalty.
         cost, scale, block_elements: the point-cloud cost (ignored for a stored cost).
+        native: run the point-cloud half-steps on the CPU kernel
+            (:func:`sinkhorn_ot.ops.point_softmin`) instead of torch.
     """
 
-    def __init__(self, stack: Stack, table, lengths, rho, *, cost, scale, block_elements):
-        self.stack, self.rho = stack, rho
+    def __init__(
+        self, stack: Stack, table, lengths, rho, *, cost, scale, block_elements, native=False
+    ):
+        self.stack, self.rho, self.native = stack, rho, native
         self.batch = table.shape[0]
         self.table = table.repeat(stack.parts, 1)  # (P B, S): part-major like the stack
         self.lengths = lengths.to(table.device).repeat(stack.parts)
@@ -183,6 +188,16 @@ class SymmetricLoop:
             row = LogStep(self.stack.cost[part], log_cols, log_cols, eps).row
             return lambda g, guess: row(g)
         rows, cols = self.stack.rows[part], self.stack.cols[part]
+        if self.native:
+            flat_eps = eps.reshape(-1).expand(rows.shape[0]).contiguous()
+
+            def native_row(g, guess):
+                h = g + eps * log_cols  # -inf on zero weights
+                return ops.point_softmin(
+                    rows, cols, h, flat_eps, cost=self.cost, cost_scale=self.scale
+                )
+
+            return native_row
         if self.cost == "sqeuclidean":
             key = (part.start, part.stop)
             if key not in self._absorbed:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _build
 from . import _divergence_args as args
 from ._divergence_implicit import implicit_value
 from ._divergence_loop import (
@@ -44,7 +45,7 @@ __all__ = ["SinkhornLoss", "sinkhorn_divergence"]
 
 MODES = ("annealed", "converged")
 GRADS = ("envelope", "implicit")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "native", "torch")
 #: The cost of each ``p``: GeomLoss's ``|x - y|^p / p``.
 POINT_COST = {1: ("euclidean", 1.0), 2: ("sqeuclidean", 0.5)}
 
@@ -114,9 +115,12 @@ def sinkhorn_divergence(
             has at most 2^24 entries. Memory is ``O((N + M) D)`` plus one cost block
             otherwise, gradients included.
         block_elements: entries of one cost block (:class:`sinkhorn_ot.PointCloud`).
-        backend: ``"auto"`` or ``"torch"``: the loop runs on the geometry's torch
-            half-steps (the native ops run whole standard loops, not these updates);
-            with ``grad="implicit"`` the three final solves use this backend.
+        backend: where the loop's point-cloud half-steps run: ``"native"`` on the CPU
+            kernel :func:`sinkhorn_ot.ops.point_softmin` (CPU only), ``"torch"`` on
+            torch's ops, ``"auto"`` natively where the kernel is available (CPU point
+            clouds), else torch. Given costs and the last, differentiated update always
+            run on torch; with ``grad="implicit"`` the three final solves use this
+            backend.
 
     Returns:
         ``(B,)`` values (a scalar for unbatched input), differentiable w.r.t. ``x``,
@@ -171,6 +175,7 @@ def sinkhorn_divergence(
         cost=cost_kind,
         scale=cost_scale,
         block_elements=block_elements,
+        native=_native_half_steps(backend, problem.stack, a),
     )
     state = loop.anneal()
     target = torch.full_like(loop.table[:, :1], blur**p)
@@ -196,6 +201,18 @@ def sinkhorn_divergence(
         value = divergence_value(parts, a, b, blur**p, rho, debias)
     value = value.to(problem.dtype)
     return value if problem.batched else value[0]
+
+
+def _native_half_steps(backend: str, stack, ref: torch.Tensor) -> bool:
+    """Whether the loop runs on :func:`sinkhorn_ot.ops.point_softmin`."""
+    if backend == "torch" or stack.cost is not None:
+        return False
+    on_cpu = ref.device.type == "cpu"
+    ok, reason = _build.availability(ref.device, ref.dtype) if on_cpu else (False, "")
+    if backend == "native" and not ok:
+        why = reason if on_cpu else f"the kernel is CPU-only, the points are on {ref.device}"
+        raise RuntimeError(f"sinkhorn_divergence(backend='native') is not available: {why}")
+    return ok
 
 
 class _Problem:

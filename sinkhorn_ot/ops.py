@@ -4,8 +4,11 @@
 * :func:`solve_points` wraps ``torch.ops.sinkhorn_ot.solve_points``: point clouds
   ``x (B, N, D)``, ``y (B, M, D)``; the cost ``cost_scale * c(x_i, y_j)`` is computed on
   the fly and nothing of size ``N * M`` is stored.
+* :func:`point_softmin` wraps ``torch.ops.sinkhorn_ot.point_softmin`` (CPU): one row
+  soft-min of point clouds, the half-step of loops the ops do not run (the symmetric
+  updates of :func:`sinkhorn_ot.sinkhorn_divergence`).
 
-Both run the whole loop of :func:`sinkhorn_ot._loop.solve_potentials` (same iterates,
+The two solves run the whole loop of :func:`sinkhorn_ot._loop.solve_potentials` (same iterates,
 stopping rule, ``n_iter`` and ``err``; contract in ``csrc/loop_rules.h``) in one call,
 with the eps schedule given as a table ``eps_table (B, S)`` (iteration ``t`` uses column
 ``min(t, S - 1)``; :func:`sinkhorn_ot._loop.eps_table` builds it). The ops are declared
@@ -37,7 +40,15 @@ import torch
 from . import _build
 from .errors import raise_non_finite
 
-__all__ = ["COSTS", "METHODS", "check_method", "register_fakes", "solve_dense", "solve_points"]
+__all__ = [
+    "COSTS",
+    "METHODS",
+    "check_method",
+    "point_softmin",
+    "register_fakes",
+    "solve_dense",
+    "solve_points",
+]
 
 #: The ``method`` values of the ops. ``"stabilised"`` computes the log-domain iterates by
 #: the stabilised kernel form on the CPU for a dense cost (``csrc/cpu/stabilised.h``);
@@ -147,6 +158,23 @@ def _check_points(
     if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
         raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
     _check_relaxation(x, "x", batch, rho, stop)
+
+
+def _check_softmin(x, y, h, eps, cost, cost_scale) -> None:
+    _check_leading("x", x, "(B, N, D)")
+    batch, _, d = x.shape
+    if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != batch or y.shape[2] != d:
+        got = _shape(y) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"`y` must have shape (B, M, D) = ({batch}, M, {d}), got {got}")
+    _check_tensor("y", y, _shape(y), x, "x")
+    if y.shape[1] < 1:
+        raise ValueError(f"`y` must have at least one point, got shape {_shape(y)}")
+    _check_tensor("h", h, (batch, y.shape[1]), x, "x")
+    _check_tensor("eps", eps, (batch,), x, "x")
+    if cost not in COSTS:
+        raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
+    if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
+        raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
 
 
 def _require(device: torch.device, dtype: torch.dtype) -> None:
@@ -323,8 +351,56 @@ def solve_points(
     return _finish(out, method, check_finite)
 
 
+def point_softmin(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    cost: str,
+    cost_scale: float,
+) -> torch.Tensor:
+    """One row soft-min of point clouds, the cost computed on the fly (CPU).
+
+    ``out[k, i] = -eps[k] log sum_j exp((h[k, j] - cost_scale * c(x[k, i], y[k, j])) /
+    eps[k])``, by the max-rescaled log-sum-exp of :func:`solve_points`; memory
+    ``O((N + M) D)``. No autograd (the inputs are detached).
+
+    Args:
+        x: ``(B, N, D)`` points whose soft-min is computed, float32 or float64, CPU.
+        y: ``(B, M, D)`` points summed over, ``M >= 1``, dtype of ``x``.
+        h: ``(B, M)``: a potential plus ``eps`` times the log of its weights (``-inf``
+            drops a point; a row whose every ``h`` is ``-inf`` gets ``+inf``).
+        eps: ``(B,)`` positive temperatures.
+        cost, cost_scale: as in :func:`solve_points`.
+
+    Returns:
+        ``(B, N)`` in the dtype of ``x``.
+
+    Example:
+        >>> import torch
+        >>> from sinkhorn_ot import ops
+        >>> from sinkhorn_ot.costs import sqeuclidean
+        >>> x, y = torch.rand(2, 7, 3, dtype=torch.float64), torch.rand(2, 5, 3, dtype=torch.float64)
+        >>> h, eps = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0.1, 0.3], dtype=torch.float64)
+        >>> out = ops.point_softmin(x, y, h, eps, cost="sqeuclidean", cost_scale=0.5)
+        >>> C = 0.5 * sqeuclidean(x, y)
+        >>> e = eps.view(2, 1, 1)
+        >>> want = -eps.view(2, 1) * torch.logsumexp((h.unsqueeze(1) - C) / e, dim=2)
+        >>> torch.allclose(out, want, rtol=1e-13, atol=0)
+        True
+    """
+    _check_softmin(x, y, h, eps, cost, cost_scale)
+    if x.device.type != "cpu":
+        raise ValueError(
+            f"`x` must be on the CPU (point_softmin has no CUDA kernel), got {x.device}"
+        )
+    _require(x.device, x.dtype)
+    return torch.ops.sinkhorn_ot.point_softmin(*_prepared(x, y, h, eps), cost, float(cost_scale))
+
+
 def register_fakes() -> None:
-    """Register the fake (meta) implementations of both ops (once; after the library
+    """Register the fake (meta) implementations of the ops (once; after the library
     declaring them is loaded, which :func:`sinkhorn_ot.native.build` does).
 
     They check the inputs like the wrappers and return empty outputs: ``f (B, N)``,
@@ -360,5 +436,10 @@ def register_fakes() -> None:
     ):  # fmt: skip
         _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho, stop)
         return outputs(x, x.shape[0], x.shape[1], y.shape[1])
+
+    @torch.library.register_fake("sinkhorn_ot::point_softmin")
+    def _point_softmin_fake(x, y, h, eps, cost, cost_scale):
+        _check_softmin(x, y, h, eps, cost, cost_scale)
+        return x.new_empty(x.shape[:2])
 
     _FAKES_REGISTERED = True

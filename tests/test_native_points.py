@@ -377,3 +377,75 @@ def test_wrapper_needs_an_available_backend():
     args = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in op_args()]
     with pytest.raises(RuntimeError, match=r"the native backend is unavailable: .*'meta'"):
         _wrapper_call(args)
+
+
+# ------------------------------------------------------------------ point_softmin
+def _softmin_args(dtype=torch.float64, cost="sqeuclidean", d=3, batch=3, n=37, m=29, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(batch, m, d, generator=gen, dtype=torch.float64).to(dtype)
+    h = torch.randn(batch, m, generator=gen, dtype=torch.float64).to(dtype)
+    h[1, 3:9] = float("-inf")  # dropped points (zero weights)
+    eps = torch.tensor([0.05, 0.3, 1.0][:batch], dtype=dtype)
+    return x, y, h, eps
+
+
+def _softmin_reference(x, y, h, eps, cost, scale):
+    """-eps log sum_j exp((h_j - C_ij) / eps) on the dense cost, in float64."""
+    C = scale * DENSE[cost](x.double(), y.double())
+    e = eps.double().view(-1, 1, 1)
+    return -e[..., 0] * torch.logsumexp((h.double().unsqueeze(1) - C) / e, dim=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cost", COSTS)
+@pytest.mark.parametrize("d", [2, 12])  # direct differences, then dot products
+def test_point_softmin_equals_dense_logsumexp(cost, dtype, d):
+    x, y, h, eps = _softmin_args(dtype, cost, d)
+    out = ops.point_softmin(x, y, h, eps, cost=cost, cost_scale=0.7)
+    want = _softmin_reference(x, y, h, eps, cost, 0.7)
+    assert out.dtype == dtype and out.shape == (3, 37)
+    gap = ((out.double() - want).abs() / want.abs().clamp_min(1)).max()
+    assert float(gap) <= (1e-13 if dtype == torch.float64 else 2e-6)
+
+
+def test_point_softmin_all_dropped_row_is_inf_and_threads_agree():
+    x, y, h, eps = _softmin_args(batch=2)
+    h[0] = float("-inf")
+    out = ops.point_softmin(x, y, h, eps, cost="sqeuclidean", cost_scale=1.0)
+    assert bool(torch.isposinf(out[0]).all()) and bool(torch.isfinite(out[1]).all())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ops.point_softmin(x, y, h, eps, cost="sqeuclidean", cost_scale=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_point_softmin_opcheck(dtype):
+    x, y, h, eps = _softmin_args(dtype)
+    torch.library.opcheck(
+        torch.ops.sinkhorn_ot.point_softmin.default, (x, y, h, eps, "euclidean", 0.5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"y": torch.zeros(3, 29, 4, dtype=torch.float64)}, ValueError, r"`y` must have shape"),
+        ({"h": torch.zeros(3, 28, dtype=torch.float64)}, ValueError, r"`h` must have shape"),
+        ({"eps": torch.ones(3, dtype=torch.float32)}, TypeError, r"`eps` must have the dtype"),
+        ({"cost": "manhattan"}, ValueError, r"`cost` must be one of"),
+        ({"cost_scale": float("nan")}, ValueError, r"`cost_scale` must be a finite"),
+    ],
+)
+def test_point_softmin_rejects_bad_arguments(change, error, match):
+    x, y, h, eps = _softmin_args()
+    kwargs = {"x": x, "y": y, "h": h, "eps": eps, "cost": "sqeuclidean", "cost_scale": 1.0}
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        ops.point_softmin(
+            kwargs.pop("x"), kwargs.pop("y"), kwargs.pop("h"), kwargs.pop("eps"), **kwargs
+        )

@@ -8,21 +8,12 @@
 
 #include "batch.h"
 #include "glue.h"
-#include "point_cloud.h"
+#include "point_glue.h"
 
 namespace sinkhorn_ot::cpu {
 namespace {
 
 constexpr const char* kOp = "sinkhorn_ot::solve_points";
-
-CostKind cost_kind(std::string_view cost) {
-  if (cost == "sqeuclidean") return CostKind::kSqEuclidean;
-  if (cost == "euclidean") return CostKind::kEuclidean;
-  TORCH_CHECK(cost == "cosine", kOp,
-              ": `cost` must be \"sqeuclidean\", \"euclidean\" or \"cosine\", got \"", cost,
-              "\"");
-  return CostKind::kCosine;
-}
 
 Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a,
                          const at::Tensor& b, const at::Tensor& f0, const at::Tensor& eps_table,
@@ -38,7 +29,7 @@ Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Ten
   check_input(kOp, y, "y", y.sizes(), x, "x");
   const LoopSettings settings =
       check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop);
-  const CostKind kind = cost_kind(cost);
+  const CostKind kind = cost_kind(kOp, cost);
   TORCH_CHECK(std::isfinite(cost_scale), kOp, ": `cost_scale` must be finite, got ", cost_scale);
 
   const auto xc = x.contiguous(), yc = y.contiguous(), ac = a.contiguous(), bc = b.contiguous();
