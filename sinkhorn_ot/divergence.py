@@ -115,10 +115,9 @@ def sinkhorn_divergence(
             has at most 2^24 entries. Memory is ``O((N + M) D)`` plus one cost block
             otherwise, gradients included.
         block_elements: entries of one cost block (:class:`sinkhorn_ot.PointCloud`).
-        backend: where the loop's point-cloud half-steps run: ``"native"`` on the CPU
-            kernel :func:`sinkhorn_ot.ops.point_softmin` (CPU only), ``"torch"`` on
-            torch's ops, ``"auto"`` natively where the kernel is available (CPU point
-            clouds), else torch. Given costs and the last, differentiated update always
+        backend: where the loop's point-cloud half-steps run: ``"native"`` on the
+            kernel :func:`sinkhorn_ot.ops.point_softmin` (CPU or CUDA), ``"torch"`` on
+            torch's ops, ``"auto"`` natively where that kernel is built, else torch. Given costs and the last, differentiated update always
             run on torch; with ``grad="implicit"`` the three final solves use this
             backend.
 
@@ -207,11 +206,9 @@ def _native_half_steps(backend: str, stack, ref: torch.Tensor) -> bool:
     """Whether the loop runs on :func:`sinkhorn_ot.ops.point_softmin`."""
     if backend == "torch" or stack.cost is not None:
         return False
-    on_cpu = ref.device.type == "cpu"
-    ok, reason = _build.availability(ref.device, ref.dtype) if on_cpu else (False, "")
+    ok, reason = _build.availability(ref.device, ref.dtype)
     if backend == "native" and not ok:
-        why = reason if on_cpu else f"the kernel is CPU-only, the points are on {ref.device}"
-        raise RuntimeError(f"sinkhorn_divergence(backend='native') is not available: {why}")
+        raise RuntimeError(f"sinkhorn_divergence(backend='native') is not available: {reason}")
     return ok
 
 

@@ -4,7 +4,7 @@
 * :func:`solve_points` wraps ``torch.ops.sinkhorn_ot.solve_points``: point clouds
   ``x (B, N, D)``, ``y (B, M, D)``; the cost ``cost_scale * c(x_i, y_j)`` is computed on
   the fly and nothing of size ``N * M`` is stored.
-* :func:`point_softmin` wraps ``torch.ops.sinkhorn_ot.point_softmin`` (CPU): one row
+* :func:`point_softmin` wraps ``torch.ops.sinkhorn_ot.point_softmin``: one row
   soft-min of point clouds, the half-step of loops the ops do not run (the symmetric
   updates of :func:`sinkhorn_ot.sinkhorn_divergence`).
 
@@ -360,14 +360,14 @@ def point_softmin(
     cost: str,
     cost_scale: float,
 ) -> torch.Tensor:
-    """One row soft-min of point clouds, the cost computed on the fly (CPU).
+    """One row soft-min of point clouds, the cost computed on the fly (CPU or CUDA).
 
     ``out[k, i] = -eps[k] log sum_j exp((h[k, j] - cost_scale * c(x[k, i], y[k, j])) /
-    eps[k])``, by the max-rescaled log-sum-exp of :func:`solve_points`; memory
-    ``O((N + M) D)``. No autograd (the inputs are detached).
+    eps[k])``, by the max-rescaled log-sum-exp of :func:`solve_points` (on CUDA: its row
+    pass); memory ``O((N + M) D)``. No autograd (the inputs are detached).
 
     Args:
-        x: ``(B, N, D)`` points whose soft-min is computed, float32 or float64, CPU.
+        x: ``(B, N, D)`` points whose soft-min is computed, float32 or float64.
         y: ``(B, M, D)`` points summed over, ``M >= 1``, dtype of ``x``.
         h: ``(B, M)``: a potential plus ``eps`` times the log of its weights (``-inf``
             drops a point; a row whose every ``h`` is ``-inf`` gets ``+inf``).
@@ -391,10 +391,6 @@ def point_softmin(
         True
     """
     _check_softmin(x, y, h, eps, cost, cost_scale)
-    if x.device.type != "cpu":
-        raise ValueError(
-            f"`x` must be on the CPU (point_softmin has no CUDA kernel), got {x.device}"
-        )
     _require(x.device, x.dtype)
     return torch.ops.sinkhorn_ot.point_softmin(*_prepared(x, y, h, eps), cost, float(cost_scale))
 

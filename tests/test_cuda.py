@@ -396,6 +396,33 @@ def test_emulated_points_match_torch_f32(emulated, cost, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cost", list(COSTS))
+@pytest.mark.parametrize(("d", "sm_count"), [(3, EMU_SMS), (17, EMU_SMS), (3, 0)])
+def test_emulated_point_softmin_matches_logsumexp(emulated, cost, dtype, d, sm_count):
+    """The CUDA point_softmin (the row pass of solve_points on its own) against the dense
+    log-sum-exp in float64: both dimension chunkings (D <= 4, D > 4), the inner range split
+    over blocks (then merged by the combine pass) and not (sm_count=0), dropped points
+    (h = -inf) and a problem whose every point is dropped (+inf)."""
+    gen = torch.Generator().manual_seed(d)
+    B, N, M = 3, 70, 150
+    x = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(B, M, d, generator=gen, dtype=torch.float64)
+    h = torch.randn(B, M, generator=gen, dtype=torch.float64)
+    h[0, 5:40] = float("-inf")
+    h[2] = float("-inf")
+    eps = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)
+    out = emulated.point_softmin(
+        x.to(dtype), y.to(dtype), h.to(dtype), eps.to(dtype), cost, 0.7, sm_count
+    )
+    C = 0.7 * dense_cost(x, y, cost, 1.0)
+    want = -eps.view(B, 1) * torch.logsumexp((h.unsqueeze(1) - C) / eps.view(B, 1, 1), dim=2)
+    assert bool(torch.isposinf(out[2]).all())
+    gap = ((out[:2].double() - want[:2]).abs() / want[:2].abs().clamp_min(1)).max()
+    assert float(gap) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("cost", list(COSTS))
 def test_emulated_points_unsplit_inner_range(emulated, cost):
     """A fake device with no multiprocessors: the planner never splits the inner range, so

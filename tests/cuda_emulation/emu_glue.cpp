@@ -1,5 +1,6 @@
 // Test-only glue: runs the CUDA solvers under the CPU emulation (cuda_runtime.h here) on
-// CPU tensors, as the ops `sinkhorn_ot_emu::solve` and `sinkhorn_ot_emu::solve_points`,
+// CPU tensors, as the ops `sinkhorn_ot_emu::solve`, `sinkhorn_ot_emu::solve_points` and
+// `sinkhorn_ot_emu::point_softmin`,
 // with the arguments of `sinkhorn_ot::solve` / `sinkhorn_ot::solve_points`
 // (csrc/sinkhorn.cpp) plus a fake device (multiprocessor count, shared memory per block)
 // and, for solve, the path ("small"/"large"/"auto"), then the relaxation rho (B, 2) and
@@ -146,6 +147,47 @@ std::string chosen_path(int64_t N, int64_t M, int64_t itemsize, int64_t sm_count
 
 }  // namespace
 
+// point_softmin under emulation: the arguments of sinkhorn_ot::point_softmin plus the
+// fake device's multiprocessor count (which decides how the inner points are split).
+Tensor point_softmin_emu(const Tensor& x_in, const Tensor& y_in, const Tensor& h_in,
+                         const Tensor& eps_in, const std::string& cost, double cost_scale,
+                         int64_t sm_count) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 3 && y_in.dim() == 3);
+  const Tensor x = x_in.contiguous(), y = y_in.contiguous(), h = h_in.contiguous();
+  const Tensor eps = eps_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1);
+  Tensor out = at::full({B, N}, std::nan(""), x.options());  // poisoned, as outputs()
+  const auto dev = fake_device(sm_count, 48 * 1024);
+  sinkhorn_ot_cuda::Cost c = sinkhorn_ot_cuda::Cost::SqEuclidean;
+  if (cost == "euclidean") {
+    c = sinkhorn_ot_cuda::Cost::Euclidean;
+  } else if (cost == "cosine") {
+    c = sinkhorn_ot_cuda::Cost::Cosine;
+  } else {
+    TORCH_CHECK(cost == "sqeuclidean", "emulated point_softmin: bad cost ", cost);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_emu_point_softmin", [&] {
+    using T = scalar_t;
+    sinkhorn_ot_cuda::SoftminArgs<T> args;
+    args.x = x.data_ptr<T>();
+    args.y = y.data_ptr<T>();
+    args.h = h.data_ptr<T>();
+    args.eps = eps.data_ptr<T>();
+    args.out = out.data_ptr<T>();
+    args.B = B;
+    args.N = N;
+    args.M = M;
+    args.D = x.size(2);
+    args.cost = c;
+    args.cost_scale = static_cast<T>(cost_scale);
+    const size_t bytes = sinkhorn_ot_cuda::softmin_workspace_bytes<T>(args, dev);
+    Tensor ws = at::full({static_cast<int64_t>(bytes)}, 0xFF, x.options().dtype(at::kByte));
+    const int st = sinkhorn_ot_cuda::point_softmin<T>(args, dev, ws.data_ptr(), nullptr);
+    TORCH_CHECK(st == 0, "emulated point_softmin failed");
+  });
+  return out;
+}
+
 TORCH_LIBRARY(sinkhorn_ot_emu, m) {
   m.def("solve(Tensor C, Tensor a, Tensor b, Tensor f0, Tensor eps_table, int max_iter, "
         "float? tol, str method, str path, int sm_count, int smem_optin, Tensor? rho=None, "
@@ -157,6 +199,9 @@ TORCH_LIBRARY(sinkhorn_ot_emu, m) {
         "Tensor? rho=None, str stop=\"marginals\") "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         &solve_points_emu);
+  m.def("point_softmin(Tensor x, Tensor y, Tensor h, Tensor eps, str cost, float cost_scale, "
+        "int sm_count) -> Tensor",
+        &point_softmin_emu);
   m.def("chosen_path(int N, int M, int itemsize, int sm_count, int smem_optin) -> str",
         &chosen_path);
 }

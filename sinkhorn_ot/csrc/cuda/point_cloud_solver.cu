@@ -52,10 +52,10 @@ struct PassArgs {
   const T* Q;     // inner points (B, NQ, D)
   const T* pn;    // outer norms (B, NO), cosine only
   const T* qn;    // inner norms (B, NQ), cosine only
-  const T* lwq;   // inner log2 weights (B, NQ)
+  const T* lwq;   // inner log2 weights (B, NQ); nullptr: all 0 (point_softmin's h)
   const T* pot;   // inner potential (B, NQ): g for the row pass, f for the column pass
   EpsTable<T> eps;
-  const uint8_t* active;
+  const uint8_t* active;  // (B,) problems still iterating; nullptr: all
   T* out;         // (B, NO)
   T* pm;          // (B, nchunks, NO) partial max, when nchunks > 1
   T* ps;          // (B, nchunks, NO) partial sum
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs<T> p) {
   const int64_t rem = static_cast<int64_t>(blockIdx.x) - b * per_b;
   const int64_t chunk = rem / p.otiles;
   const int64_t otile = rem - chunk * p.otiles;
-  if (!p.active[b]) return;  // the whole block
+  if (p.active != nullptr && !p.active[b]) return;  // the whole block
 
   const int tx = static_cast<int>(threadIdx.x) % kTX;
   const int ty = static_cast<int>(threadIdx.x) / kTX;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs<T> p) {
   const T* Qb = p.Q + b * p.NQ * p.D;
   const T* pnb = COST == Cost::Cosine ? p.pn + b * p.NO : nullptr;
   const T* qnb = COST == Cost::Cosine ? p.qn + b * p.NQ : nullptr;
-  const T* lw = p.lwq + b * p.NQ;
+  const T* lw = p.lwq != nullptr ? p.lwq + b * p.NQ : nullptr;
   const T* pot = p.pot + b * p.NQ;
   const int64_t q_begin = chunk * p.tiles_per_chunk * kTQ;
   const int64_t q_end = min64(p.NQ, q_begin + p.tiles_per_chunk * kTQ);
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs<T> p) {
       stage<T, COST, DC, kTQ>(ys, Qb, qnb, q0, q_end, d0, p.D);
       if (d0 == 0 && threadIdx.x < kTQ) {
         const int64_t q = q0 + threadIdx.x;
-        hs[threadIdx.x] = q < q_end ? half_step_vector<T, KM>(lw[q], pot[q], k)
+        hs[threadIdx.x] = q < q_end ? half_step_vector<T, KM>(lw ? lw[q] : T(0), pot[q], k)
                                     : (KM ? T(0) : Math<T>::neg_inf());
       }
       __syncthreads();
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs<T> p) 
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx >= p.B * p.NO) return;
   const int64_t b = idx / p.NO, o = idx - b * p.NO;
-  if (!p.active[b]) return;
+  if (p.active != nullptr && !p.active[b]) return;
   Lse<T> acc;
   acc.init();
   for (int64_t c = 0; c < p.nchunks; ++c) {
@@ -525,7 +525,96 @@ cudaError_t dispatch_cost(const PointArgs<T>& a, const DeviceInfo& dev, void* ws
   return cudaErrorInvalidValue;
 }
 
+// point_softmin: the row pass of solve_points on its own (h as the potential, log
+// weights 0, eps as a one-column table, every problem active, no damping).
+struct SoftminPlan {
+  PassPlan pass;
+  size_t off_nx, off_ny, off_pm, off_ps, bytes;
+};
+
+template <typename T>
+SoftminPlan plan_softmin(const SoftminArgs<T>& a, const DeviceInfo& dev) {
+  SoftminPlan pl{};
+  pl.pass = plan_pass(a.B, a.N, a.M, dev);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t o = off;
+    off += align_up(bytes);
+    return o;
+  };
+  const bool cosine = a.cost == Cost::Cosine;
+  pl.off_nx = take(cosine ? sizeof(T) * a.B * a.N : 0);
+  pl.off_ny = take(cosine ? sizeof(T) * a.B * a.M : 0);
+  const int64_t part = pl.pass.nchunks > 1 ? pl.pass.nchunks * a.N : 0;
+  pl.off_pm = take(sizeof(T) * a.B * part);
+  pl.off_ps = take(sizeof(T) * a.B * part);
+  pl.bytes = off;
+  return pl;
+}
+
+template <typename T, Cost COST, int DC>
+cudaError_t run_softmin(const SoftminArgs<T>& a, const DeviceInfo& dev, void* workspace,
+                        cudaStream_t stream) {
+  const SoftminPlan pl = plan_softmin<T>(a, dev);
+  char* ws = static_cast<char*>(workspace);
+  PassArgs<T> pa{};
+  pa.P = a.x;
+  pa.Q = a.y;
+  pa.pn = reinterpret_cast<T*>(ws + pl.off_nx);
+  pa.qn = reinterpret_cast<T*>(ws + pl.off_ny);
+  pa.lwq = nullptr;
+  pa.pot = a.h;
+  pa.eps = EpsTable<T>{a.eps, 1};
+  pa.active = nullptr;
+  pa.out = a.out;
+  pa.pm = reinterpret_cast<T*>(ws + pl.off_pm);
+  pa.ps = reinterpret_cast<T*>(ws + pl.off_ps);
+  pa.B = a.B;
+  pa.NO = a.N;
+  pa.NQ = a.M;
+  pa.D = a.D;
+  pa.otiles = pl.pass.otiles;
+  pa.nchunks = pl.pass.nchunks;
+  pa.tiles_per_chunk = pl.pass.tiles_per_chunk;
+  pa.t = 0;
+  pa.cost_scale = a.cost_scale;
+  pa.rho = nullptr;
+  pa.side = 0;
+  if (COST == Cost::Cosine) {
+    norms_kernel<T><<<blocks_for(a.B * (a.N + a.M)), kThreads, 0, stream>>>(
+        a.x, a.y, const_cast<T*>(pa.pn), const_cast<T*>(pa.qn), a.B * a.N, a.B * a.M, a.D);
+    SK_TRY(cudaGetLastError());
+  }
+  return run_pass<T, COST, false, DC>(pa, stream);
+}
+
+template <typename T, Cost COST>
+cudaError_t softmin_dc(const SoftminArgs<T>& a, const DeviceInfo& dev, void* ws, cudaStream_t s) {
+  return a.D <= 4 ? run_softmin<T, COST, 4>(a, dev, ws, s) : run_softmin<T, COST, 16>(a, dev, ws, s);
+}
+
 }  // namespace
+
+template <typename T>
+size_t softmin_workspace_bytes(const SoftminArgs<T>& args, const DeviceInfo& dev) {
+  return plan_softmin<T>(args, dev).bytes;
+}
+
+template <typename T>
+cudaError_t point_softmin(const SoftminArgs<T>& a, const DeviceInfo& dev, void* workspace,
+                          cudaStream_t stream) {
+  if (a.B == 0 || a.N == 0) return cudaSuccess;
+  if (a.M <= 0 || a.D <= 0) return cudaErrorInvalidValue;
+  switch (a.cost) {
+    case Cost::SqEuclidean:
+      return softmin_dc<T, Cost::SqEuclidean>(a, dev, workspace, stream);
+    case Cost::Euclidean:
+      return softmin_dc<T, Cost::Euclidean>(a, dev, workspace, stream);
+    case Cost::Cosine:
+      return softmin_dc<T, Cost::Cosine>(a, dev, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 template <typename T>
 size_t points_workspace_bytes(const PointArgs<T>& args, const DeviceInfo& dev) {
@@ -544,7 +633,10 @@ cudaError_t solve_points(const PointArgs<T>& a, const DeviceInfo& dev, void* wor
 #define SINKHORN_OT_INSTANTIATE(T)                                                      \
   template size_t points_workspace_bytes<T>(const PointArgs<T>&, const DeviceInfo&);    \
   template cudaError_t solve_points<T>(const PointArgs<T>&, const DeviceInfo&, void*, \
-                                       cudaStream_t);
+                                       cudaStream_t);                                   \
+  template size_t softmin_workspace_bytes<T>(const SoftminArgs<T>&, const DeviceInfo&); \
+  template cudaError_t point_softmin<T>(const SoftminArgs<T>&, const DeviceInfo&, void*, \
+                                        cudaStream_t);
 
 SINKHORN_OT_INSTANTIATE(float)
 SINKHORN_OT_INSTANTIATE(double)

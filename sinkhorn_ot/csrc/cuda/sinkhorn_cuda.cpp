@@ -238,9 +238,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
   return {l.f, l.g, l.n_iter, l.err};
 }
 
+// point_softmin: one row soft-min of point clouds (schema in csrc/cpu/point_softmin_cpu.cpp).
+Tensor point_softmin_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& h_in,
+                          const Tensor& eps_in, c10::string_view cost, double cost_scale) {
+  constexpr const char* kOp = "sinkhorn_ot.point_softmin (CUDA)";
+  TORCH_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, kOp,
+              ": x must be float32 or float64, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 3 && y_in.dim() == 3 && x_in.size(0) == y_in.size(0) &&
+                  x_in.size(2) == y_in.size(2) && y_in.size(1) >= 1,
+              kOp, ": x and y must be (B, N, D) and (B, M, D) with M >= 1, got ", x_in.sizes(),
+              " and ", y_in.sizes());
+  const int64_t B = x_in.size(0), N = x_in.size(1), M = y_in.size(1), D = x_in.size(2);
+  TORCH_CHECK(h_in.dim() == 2 && h_in.size(0) == B && h_in.size(1) == M, kOp,
+              ": h must be (B, M), got ", h_in.sizes());
+  TORCH_CHECK(eps_in.dim() == 1 && eps_in.size(0) == B, kOp, ": eps must be (B,), got ",
+              eps_in.sizes());
+  for (const Tensor* t : {&y_in, &h_in, &eps_in}) {
+    TORCH_CHECK(t->device() == x_in.device() && t->scalar_type() == x_in.scalar_type(), kOp,
+                ": y, h and eps must have the device and dtype of x");
+  }
+  TORCH_CHECK(D > 0, kOp, ": points must have at least one coordinate");
+  const auto c = parse_cost(std::string_view(cost.data(), cost.size()));
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = x_in.contiguous(), y = y_in.contiguous(), h = h_in.contiguous();
+  const Tensor eps = eps_in.contiguous();
+  Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  const auto dev = device_info(x.get_device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_point_softmin_cuda", [&] {
+    using T = scalar_t;
+    sinkhorn_ot_cuda::SoftminArgs<T> args;
+    args.x = x.data_ptr<T>();
+    args.y = y.data_ptr<T>();
+    args.h = h.data_ptr<T>();
+    args.eps = eps.data_ptr<T>();
+    args.out = out.data_ptr<T>();
+    args.B = B;
+    args.N = N;
+    args.M = M;
+    args.D = D;
+    args.cost = c;
+    args.cost_scale = static_cast<T>(cost_scale);
+    const size_t bytes = sinkhorn_ot_cuda::softmin_workspace_bytes<T>(args, dev);
+    Tensor ws = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+    const cudaError_t st = sinkhorn_ot_cuda::point_softmin<T>(args, dev, ws.data_ptr(), stream);
+    TORCH_CHECK(st == cudaSuccess, kOp, " failed: ", cudaGetErrorString(st));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sinkhorn_ot, CUDA, m) {
   m.impl("solve", &solve_cuda);
   m.impl("solve_points", &solve_points_cuda);
+  m.impl("point_softmin", &point_softmin_cuda);
 }

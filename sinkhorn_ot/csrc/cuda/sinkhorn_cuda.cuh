@@ -98,4 +98,27 @@ template <typename T>
 cudaError_t solve_points(const PointArgs<T>& args, const DeviceInfo& dev, void* workspace,
                          cudaStream_t stream);
 
+// point_softmin (point_cloud_solver.cu): one row soft-min, one pass of solve_points,
+//   out[b, i] = -eps[b] log sum_j exp((h[b, j] - cost_scale c(x[b, i], y[b, j])) / eps[b]),
+// h = a potential plus eps log of its weights (-inf drops a point; a row whose every h is
+// -inf gets +inf).
+template <typename T>
+struct SoftminArgs {
+  const T* x = nullptr;    // (B, N, D)
+  const T* y = nullptr;    // (B, M, D)
+  const T* h = nullptr;    // (B, M)
+  const T* eps = nullptr;  // (B,)
+  T* out = nullptr;        // (B, N)
+  int64_t B = 0, N = 0, M = 0, D = 0;
+  Cost cost = Cost::SqEuclidean;
+  T cost_scale = T(1);
+};
+
+template <typename T>
+size_t softmin_workspace_bytes(const SoftminArgs<T>& args, const DeviceInfo& dev);
+
+template <typename T>
+cudaError_t point_softmin(const SoftminArgs<T>& args, const DeviceInfo& dev, void* workspace,
+                          cudaStream_t stream);
+
 }  // namespace sinkhorn_ot_cuda
