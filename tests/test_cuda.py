@@ -801,3 +801,37 @@ def test_gpu_points_large_batch_and_underflow():
             tol=1e-5,
             method="kernel",
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cost", list(COSTS))
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_point_softmin_and_divergence(cost, dtype):
+    """point_softmin on the device against the dense log-sum-exp, and a ragged divergence
+    whose updates run on it against the torch backend on the same GPU."""
+    from sinkhorn_ot import ops, pad_points, sinkhorn_divergence
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 300, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, 700, 5, generator=gen, dtype=torch.float64)
+    h = torch.randn(3, 700, generator=gen, dtype=torch.float64)
+    h[1, :100] = float("-inf")
+    eps = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)
+    out = ops.point_softmin(*(t.to("cuda", dtype) for t in (x, y, h, eps)), cost=cost,
+                            cost_scale=0.5)  # fmt: skip
+    C = 0.5 * dense_cost(x, y, cost, 1.0)
+    want = -eps.view(3, 1) * torch.logsumexp((h.unsqueeze(1) - C) / eps.view(3, 1, 1), dim=2)
+    assert_close_rel(out.cpu().double(), want, 1e-12 if dtype == torch.float64 else 1e-5, "out")
+    if cost != "sqeuclidean":
+        return
+    clouds = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (400, 250, 90)]
+    targets = [torch.randn(m, 3, generator=gen, dtype=torch.float64) + 0.5 for m in (300, 500, 60)]
+    xs, ys, a, b = (t.to("cuda", dtype) for t in pad_points(clouds, targets))
+    values = {
+        be: sinkhorn_divergence(xs, ys, a, b, blur=0.05, backend=be) for be in ("native", "torch")
+    }
+    assert_close_rel(
+        values["native"], values["torch"], 1e-10 if dtype == torch.float64 else 1e-4, "S"
+    )
