@@ -145,36 +145,38 @@ def _check_dense(C, a, b, f0, eps_table, max_iter, tol, method, rho=None, stop="
 def _check_points(
     x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho=None, stop="marginals"
 ) -> None:
-    _check_leading("x", x, "(B, N, D)")
-    batch, n, d = x.shape
-    if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != batch or y.shape[2] != d:
-        got = _shape(y) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"`y` must have shape (B, M, D) = ({batch}, M, {d}), got {got}")
-    _check_tensor("y", y, _shape(y), x, "x")
-    m = y.shape[1]
-    _check_common(x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method)
-    if cost not in COSTS:
-        raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
-    if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
-        raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
+    _check_clouds(x, y)
+    batch, n, _ = x.shape
+    _check_common(x, "x", batch, n, y.shape[1], a, b, f0, eps_table, max_iter, tol, method)
+    _check_cost(cost, cost_scale)
     _check_relaxation(x, "x", batch, rho, stop)
 
 
-def _check_softmin(x, y, h, eps, cost, cost_scale) -> None:
+def _check_clouds(x, y) -> None:
+    """``x (B, N, D)`` float32/float64, ``y (B, M, D)`` with its dtype and device."""
     _check_leading("x", x, "(B, N, D)")
     batch, _, d = x.shape
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != batch or y.shape[2] != d:
         got = _shape(y) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"`y` must have shape (B, M, D) = ({batch}, M, {d}), got {got}")
     _check_tensor("y", y, _shape(y), x, "x")
-    if y.shape[1] < 1:
-        raise ValueError(f"`y` must have at least one point, got shape {_shape(y)}")
-    _check_tensor("h", h, (batch, y.shape[1]), x, "x")
-    _check_tensor("eps", eps, (batch,), x, "x")
+
+
+def _check_cost(cost, cost_scale) -> None:
     if cost not in COSTS:
         raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
     if not isinstance(cost_scale, (int, float)) or not math.isfinite(cost_scale):
         raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
+
+
+def _check_softmin(x, y, h, eps, cost, cost_scale) -> None:
+    _check_clouds(x, y)
+    batch = x.shape[0]
+    if y.shape[1] < 1:
+        raise ValueError(f"`y` must have at least one point, got shape {_shape(y)}")
+    _check_tensor("h", h, (batch, y.shape[1]), x, "x")
+    _check_tensor("eps", eps, (batch,), x, "x")
+    _check_cost(cost, cost_scale)
 
 
 def _require(device: torch.device, dtype: torch.dtype) -> None:

@@ -99,6 +99,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_emu(
   return {o.f, o.g, o.n_iter, o.err};
 }
 
+sinkhorn_ot_cuda::Cost parse_cost(const std::string& cost) {
+  if (cost == "euclidean") return sinkhorn_ot_cuda::Cost::Euclidean;
+  if (cost == "cosine") return sinkhorn_ot_cuda::Cost::Cosine;
+  TORCH_CHECK(cost == "sqeuclidean", "emulation: bad cost ", cost);
+  return sinkhorn_ot_cuda::Cost::SqEuclidean;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_emu(
     const Tensor& x_in, const Tensor& y_in, const Tensor& a_in, const Tensor& b_in,
     const Tensor& f0_in, const Tensor& et_in, int64_t max_iter, std::optional<double> tol,
@@ -112,14 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_emu(
   const Tensor b = b_in.contiguous(), f0 = f0_in.contiguous(), et = et_in.contiguous();
   Outputs o = outputs(x, B, N, M);
   const auto dev = fake_device(sm_count, 48 * 1024);
-  sinkhorn_ot_cuda::Cost c = sinkhorn_ot_cuda::Cost::SqEuclidean;
-  if (cost == "euclidean") {
-    c = sinkhorn_ot_cuda::Cost::Euclidean;
-  } else if (cost == "cosine") {
-    c = sinkhorn_ot_cuda::Cost::Cosine;
-  } else {
-    TORCH_CHECK(cost == "sqeuclidean", "emulated solve_points: bad cost ", cost);
-  }
+  const sinkhorn_ot_cuda::Cost c = parse_cost(cost);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_emu_points", [&] {
     using T = scalar_t;
     sinkhorn_ot_cuda::PointArgs<T> args;
@@ -158,14 +158,7 @@ Tensor point_softmin_emu(const Tensor& x_in, const Tensor& y_in, const Tensor& h
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1);
   Tensor out = at::full({B, N}, std::nan(""), x.options());  // poisoned, as outputs()
   const auto dev = fake_device(sm_count, 48 * 1024);
-  sinkhorn_ot_cuda::Cost c = sinkhorn_ot_cuda::Cost::SqEuclidean;
-  if (cost == "euclidean") {
-    c = sinkhorn_ot_cuda::Cost::Euclidean;
-  } else if (cost == "cosine") {
-    c = sinkhorn_ot_cuda::Cost::Cosine;
-  } else {
-    TORCH_CHECK(cost == "sqeuclidean", "emulated point_softmin: bad cost ", cost);
-  }
+  const sinkhorn_ot_cuda::Cost c = parse_cost(cost);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_ot_emu_point_softmin", [&] {
     using T = scalar_t;
     sinkhorn_ot_cuda::SoftminArgs<T> args;

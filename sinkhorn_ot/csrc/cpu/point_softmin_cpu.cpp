@@ -53,14 +53,9 @@ void prepare(Prepared<T>& out, const T* x, const T* y, const T* h, int64_t n, in
 
 at::Tensor point_softmin_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h,
                              const at::Tensor& eps, std::string_view cost, double cost_scale) {
-  TORCH_CHECK(x.dim() == 3, kOp, ": `x` must have shape (B, N, D), got ", x.sizes());
-  check_leading(kOp, x, "x");
-  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == batch && y.size(2) == d, kOp,
-              ": `y` must have shape (B, M, D) = (", batch, ", M, ", d, "), got ", y.sizes());
-  const int64_t m = y.size(1);
+  check_clouds(kOp, x, y);
+  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2), m = y.size(1);
   TORCH_CHECK(m >= 1, kOp, ": `y` must have at least one point, got ", y.sizes());
-  check_input(kOp, y, "y", y.sizes(), x, "x");
   check_input(kOp, h, "h", {batch, m}, x, "x");
   check_input(kOp, eps, "eps", {batch}, x, "x");
   const CostKind kind = cost_kind(kOp, cost);

@@ -20,13 +20,8 @@ Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Ten
                          int64_t max_iter, std::optional<double> tol, std::string_view method,
                          std::string_view cost, double cost_scale,
                          const std::optional<at::Tensor>& rho, std::string_view stop) {
-  TORCH_CHECK(x.dim() == 3, kOp, ": `x` must have shape (B, N, D), got ", x.sizes());
-  check_leading(kOp, x, "x");
-  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == batch && y.size(2) == d, kOp,
-              ": `y` must have shape (B, M, D) = (", batch, ", M, ", d, "), got ", y.sizes());
-  const int64_t m = y.size(1);
-  check_input(kOp, y, "y", y.sizes(), x, "x");
+  check_clouds(kOp, x, y);
+  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2), m = y.size(1);
   const LoopSettings settings =
       check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop);
   const CostKind kind = cost_kind(kOp, cost);

@@ -342,17 +342,23 @@ struct PointsPlan {
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
+// Carves a workspace into 256-byte aligned pieces: take(bytes) returns the next offset.
+struct Carver {
+  size_t off = 0;
+  size_t take(size_t bytes) {
+    const size_t o = off;
+    off += align_up(bytes);
+    return o;
+  }
+};
+
 template <typename T>
 PointsPlan plan_points(const PointArgs<T>& a, const DeviceInfo& dev) {
   PointsPlan pl{};
   pl.row = plan_pass(a.B, a.N, a.M, dev);
   pl.col = plan_pass(a.B, a.M, a.N, dev);
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t o = off;
-    off += align_up(bytes);
-    return o;
-  };
+  Carver ws;
+  auto take = [&](size_t bytes) { return ws.take(bytes); };
   const bool cosine = a.cost == Cost::Cosine;
   pl.off_fn = take(sizeof(T) * a.B * a.N);
   pl.off_la = take(sizeof(T) * a.B * a.N);
@@ -366,7 +372,7 @@ PointsPlan plan_points(const PointArgs<T>& a, const DeviceInfo& dev) {
   pl.off_mass = take(sizeof(double) * a.B);
   pl.off_active = take(a.B);
   pl.off_alive = take(2 * sizeof(int));
-  pl.bytes = off;
+  pl.bytes = ws.off;
   return pl;
 }
 
@@ -536,19 +542,15 @@ template <typename T>
 SoftminPlan plan_softmin(const SoftminArgs<T>& a, const DeviceInfo& dev) {
   SoftminPlan pl{};
   pl.pass = plan_pass(a.B, a.N, a.M, dev);
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    const size_t o = off;
-    off += align_up(bytes);
-    return o;
-  };
+  Carver ws;
+  auto take = [&](size_t bytes) { return ws.take(bytes); };
   const bool cosine = a.cost == Cost::Cosine;
   pl.off_nx = take(cosine ? sizeof(T) * a.B * a.N : 0);
   pl.off_ny = take(cosine ? sizeof(T) * a.B * a.M : 0);
   const int64_t part = pl.pass.nchunks > 1 ? pl.pass.nchunks * a.N : 0;
   pl.off_pm = take(sizeof(T) * a.B * part);
   pl.off_ps = take(sizeof(T) * a.B * part);
-  pl.bytes = off;
+  pl.bytes = ws.off;
   return pl;
 }
 
