@@ -117,7 +117,8 @@ def sinkhorn_divergence(
         block_elements: entries of one cost block (:class:`sinkhorn_ot.PointCloud`).
         backend: where the loop's point-cloud half-steps run: ``"native"`` on the
             kernel :func:`sinkhorn_ot.ops.point_softmin` (CPU or CUDA), ``"torch"`` on
-            torch's ops, ``"auto"`` natively where that kernel is built, else torch. Given costs and the last, differentiated update always
+            torch's ops, ``"auto"`` on the kernel where it was measured faster (CPU,
+            ``D <= 8``, except ``p=2`` in float32), else torch. Given costs and the last, differentiated update always
             run on torch; with ``grad="implicit"`` the three final solves use this
             backend.
 
@@ -174,7 +175,7 @@ def sinkhorn_divergence(
         cost=cost_kind,
         scale=cost_scale,
         block_elements=block_elements,
-        native=_native_half_steps(backend, problem.stack, a),
+        native=_native_half_steps(backend, problem.stack, a, cost_kind),
     )
     state = loop.anneal()
     target = torch.full_like(loop.table[:, :1], blur**p)
@@ -202,10 +203,30 @@ def sinkhorn_divergence(
     return value if problem.batched else value[0]
 
 
-def _native_half_steps(backend: str, stack, ref: torch.Tensor) -> bool:
-    """Whether the loop runs on :func:`sinkhorn_ot.ops.point_softmin`."""
+#: ``backend="auto"`` runs the half-steps on :func:`sinkhorn_ot.ops.point_softmin` for
+#: point clouds of at most this dimension (on the CPU; see :func:`_native_half_steps`).
+NATIVE_MAX_DIM = 8
+
+
+def _native_half_steps(backend: str, stack, ref: torch.Tensor, cost: str) -> bool:
+    """Whether the loop runs on :func:`sinkhorn_ot.ops.point_softmin`.
+
+    ``"auto"`` picks it where it was measured faster than the torch half-steps
+    (docs/divergence.md): on the CPU, for ``D <= NATIVE_MAX_DIM``, except the squared
+    Euclidean cost in float32, whose torch half-step (matrix products with the
+    potential absorbed) is faster, as it is for every cost at larger ``D``. On a GPU
+    ``"auto"`` keeps torch until the CUDA kernel has been measured there.
+    """
     if backend == "torch" or stack.cost is not None:
         return False
+    if backend == "auto":
+        faster = (
+            ref.device.type == "cpu"
+            and stack.rows.shape[-1] <= NATIVE_MAX_DIM
+            and (cost != "sqeuclidean" or ref.dtype == torch.float64)
+        )
+        if not faster:
+            return False
     ok, reason = _build.availability(ref.device, ref.dtype)
     if backend == "native" and not ok:
         raise RuntimeError(f"sinkhorn_divergence(backend='native') is not available: {reason}")

@@ -221,6 +221,24 @@ def test_native_half_steps_equal_torch(reach, p):
     assert_close(value32.double(), out["torch"][0], 1e-6 if p == 2 else 1e-3)
 
 
+def test_auto_backend_picks_the_measured_faster_half_steps():
+    from sinkhorn_ot import native
+
+    if not native.availability("cpu", F64)[0]:
+        pytest.skip("the native CPU kernels are not built here")
+    x, y, a, b = clouds(13, batch=2, n=30, m=20, d=3)
+
+    def run(backend, **kw):
+        return sinkhorn_divergence(x, y, a, b, blur=0.1, backend=backend, store_cost=False, **kw)
+
+    # float64, D <= 8: the kernel; float32 with p = 2: torch's absorbed matrix products.
+    assert torch.equal(run("auto"), run("native"))
+    assert not torch.equal(run("native"), run("torch"))  # the two paths round differently
+    x, y, a, b = x.float(), y.float(), a.float(), b.float()
+    assert torch.equal(run("auto"), run("torch"))
+    assert torch.equal(run("auto", p=1), run("native", p=1))
+
+
 def test_native_backend_errors_name_the_reason():
     x, y, a, b = clouds(12, batch=1)
     with pytest.raises(ValueError, match="`backend` must be"):
