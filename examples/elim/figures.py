@@ -4,8 +4,8 @@
     python examples/elim/figures.py --runs examples/elim/runs/reproduce --probes-only
 
 Reads ``RUNS/<method>-seed<S>/`` (checkpoint and logs, as written by ``reproduce.py``)
-for the methods baseline, elim, elim-attention, elim-age and the control baseline-age
-(those present) and writes,
+for the methods baseline, elim, elim-attention, elim-age, the control baseline-age and
+the variant elim-shared-bn (those present) and writes,
 under ``--out`` (default ``examples/elim/figures/``):
 
 * ``tsne.png`` (appendix Fig. 3): t-SNE of the frozen features of 10 held-out
@@ -46,6 +46,7 @@ METHODS = {
     "elim-attention": "ELIM-Attention",
     "elim-age": "ELIM-Age",
     "baseline-age": "baseline (age batches)",
+    "elim-shared-bn": "ELIM, shared BN",
 }
 """Run-folder prefix (``reproduce.py --methods`` name) -> display name."""
 FIGURE_METHODS = ("baseline", "elim", "elim-attention", "elim-age")
