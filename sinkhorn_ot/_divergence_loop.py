@@ -165,8 +165,8 @@ class SymmetricLoop:
         table: ``(B, S)`` temperatures of every divergence problem; lengths ``(B,)``.
         rho: ``None`` (balanced) or the marginal penalty.
         cost, scale, block_elements: the point-cloud cost (ignored for a stored cost).
-        native: run the point-cloud half-steps on the CPU kernel
-            (:func:`sinkhorn_ot.ops.point_softmin`) instead of torch.
+        native: run the point-cloud half-steps on the native kernel
+            (:func:`sinkhorn_ot.ops.point_softmin`) instead of torch's ops.
     """
 
     def __init__(

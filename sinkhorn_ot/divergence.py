@@ -118,9 +118,9 @@ def sinkhorn_divergence(
         backend: where the loop's point-cloud half-steps run: ``"native"`` on the
             kernel :func:`sinkhorn_ot.ops.point_softmin` (CPU or CUDA), ``"torch"`` on
             torch's ops, ``"auto"`` on the kernel where it was measured faster (CPU,
-            ``D <= 8``, except ``p=2`` in float32), else torch. Given costs and the last, differentiated update always
-            run on torch; with ``grad="implicit"`` the three final solves use this
-            backend.
+            ``D <= 8``, except ``p=2`` in float32), else torch. Given costs and the
+            last, differentiated update always run on torch; with ``grad="implicit"``
+            the three final solves use this backend.
 
     Returns:
         ``(B,)`` values (a scalar for unbatched input), differentiable w.r.t. ``x``,
