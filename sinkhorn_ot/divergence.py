@@ -28,7 +28,6 @@ import torch
 
 from . import _build
 from . import _divergence_args as args
-from ._divergence_buckets import size_buckets, solve_in_buckets
 from ._divergence_implicit import implicit_value
 from ._divergence_loop import (
     SymmetricLoop,
@@ -79,9 +78,7 @@ def sinkhorn_divergence(
     GeomLoss's iterations (its temperature list from the data diameter down to
     ``blur^p``, symmetric updates, last extrapolation), so the values agree to rounding.
     Differences: the diameter is per problem and ignores zero-weight points (so padding
-    and the other problems of a batch never change a problem's value; a ragged batch
-    of large clouds is solved in buckets of similar size, see
-    :mod:`sinkhorn_ot._divergence_buckets`), unbalanced
+    and the other problems of a batch never change a problem's value), unbalanced
     gradients use the first variation ``rho + eps`` (GeomLoss's autograd applies its
     forward ``rho + eps / 2``), and a single point does not divide by zero.
 
@@ -142,18 +139,6 @@ def sinkhorn_divergence(
         >>> bool(torch.allclose(batch[1], alone, rtol=1e-12))
         True
     """
-    if (buckets := size_buckets(x, y, a, b, balanced=reach is None)) is not None:
-        options = {
-            "blur": blur, "p": p, "reach": reach, "debias": debias, "scaling": scaling,
-            "eps": eps, "diameter": diameter, "mode": mode, "grad": grad, "tol": tol,
-            "max_iter": max_iter, "store_cost": store_cost, "block_elements": block_elements,
-            "backend": backend,
-        }  # fmt: skip
-
-        def solve(xs, ys, as_, bs):
-            return sinkhorn_divergence(xs, ys, as_, bs, **options)
-
-        return solve_in_buckets(solve, buckets, x, y, a, b)
     p = args.check_p(p)
     blur = args.blur_and_eps(blur, eps, p)
     reach = args.positive_float("reach", reach, optional=True)

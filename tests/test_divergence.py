@@ -377,37 +377,6 @@ def test_ragged_batch_equals_loop_of_single_problems(reach):
         assert bool((grad_x[k, len(xk) :] == 0).all())
 
 
-@pytest.mark.parametrize("reach", [None, 0.5])
-def test_ragged_batch_of_large_clouds_solved_in_size_buckets(reach):
-    from sinkhorn_ot._divergence_buckets import size_buckets
-
-    gen = torch.Generator().manual_seed(21)
-    sizes = [(140, 150), (600, 580), (150, 160), (590, 610), (300, 280)]
-    xs = [torch.randn(n, 2, generator=gen, dtype=F64) for n, _ in sizes]
-    ys = [torch.randn(m, 2, generator=gen, dtype=F64) + 0.5 for _, m in sizes]
-    x, y, a, b = pad_points(xs, ys)
-    buckets = size_buckets(x, y, a, b, balanced=reach is None)
-    assert buckets is not None and sorted(k for bk, _, _ in buckets for k in bk) == [0, 1, 2, 3, 4]
-    assert [bk for bk, _, _ in buckets] == [[0, 2], [4], [1, 3]]
-    x = x.clone().requires_grad_(True)
-    batch = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach)
-    (grad_x,) = grads(batch, (x,))
-    for k, (xk, yk) in enumerate(zip(xs, ys, strict=True)):
-        xk = xk.clone().requires_grad_(True)
-        alone = sinkhorn_divergence(xk, yk, blur=0.1, reach=reach)
-        assert_close(batch[k], alone, 1e-12)
-        (gk,) = grads(alone, (xk,))
-        assert_close(grad_x[k, : len(xk)], gk, 1e-10)
-        assert bool((grad_x[k, len(xk) :] == 0).all())
-    # Bad weights are reported by the whole batch's checks, with the batch's indices.
-    a_bad = a.clone()
-    a_bad[3] = 0
-    with pytest.raises(
-        ValueError, match=r"`a` must have positive mass in every problem, got none in \[3\]"
-    ):
-        sinkhorn_divergence(x, y, a_bad, b, blur=0.1, reach=reach)
-
-
 def test_single_points_and_zero_weights_give_finite_values_and_gradients():
     for x, y in [
         (torch.zeros(1, 2, dtype=F64), torch.zeros(1, 2, dtype=F64)),
