@@ -177,6 +177,9 @@ class SymmetricLoop:
         self.table = table.repeat(stack.parts, 1)  # (P B, S): part-major like the stack
         self.lengths = lengths.to(table.device).repeat(stack.parts)
         self.log_cols = safe_log(stack.col_weights)
+        # Rows past a part's last weighted point are padding: the native kernel skips
+        # them (and its trailing dropped columns), so a ragged batch costs its real pairs.
+        self.row_lengths = kept_lengths(stack.row_weights) if native else None
         self.cost, self.scale, self.block_elements = cost, scale, block_elements
         self._absorbed = {}
 
@@ -190,12 +193,14 @@ class SymmetricLoop:
         rows, cols = self.stack.rows[part], self.stack.cols[part]
         if self.native:
             flat_eps = eps.reshape(-1).expand(rows.shape[0]).contiguous()
+            lengths = self.row_lengths[part]
 
             def native_row(g, guess):
                 h = g + eps * log_cols  # -inf on zero weights
                 return ops.point_softmin(
-                    rows, cols, h, flat_eps, cost=self.cost, cost_scale=self.scale
-                )
+                    rows, cols, h, flat_eps, cost=self.cost, cost_scale=self.scale,
+                    row_lengths=lengths,
+                )  # fmt: skip
 
             return native_row
         if self.cost == "sqeuclidean":
@@ -309,8 +314,23 @@ class SymmetricLoop:
                 scale=self.scale,
                 block_elements=self.block_elements,
                 guess=state / tau,
+                native_lengths=self.row_lengths,
             )
         return tau * soft
+
+
+def kept_lengths(weights: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` int64: the number of points of each row of ``weights (B, K)`` up to its
+    last positive one (trailing zeros are padding).
+
+    Example:
+        >>> import torch
+        >>> kept_lengths(torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])).tolist()
+        [3, 0]
+    """
+    positive = weights > 0
+    last = positive.flip(-1).to(torch.int8).argmax(-1)  # zeros after the last positive
+    return torch.where(positive.any(-1), weights.shape[-1] - last, 0).to(torch.int64)
 
 
 def stacked_rows(x: torch.Tensor, y: torch.Tensor, parts: int) -> torch.Tensor:

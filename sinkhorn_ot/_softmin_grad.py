@@ -29,16 +29,20 @@ def _row_softmin(geometry: PointCloud, h: torch.Tensor, eps: torch.Tensor) -> to
 
 class _PointSoftmin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, geometry, h, eps, guess):
+    def forward(ctx, x, geometry, h, eps, guess, native_lengths):
         with torch.no_grad():
-            if geometry.cost == "sqeuclidean":
-                absorbed = _absorbed(geometry, h)
-                f = absorbed.row(torch.zeros_like(h), eps, guess)
-                ctx.absorbed = absorbed
+            if native_lengths is not None:
+                f = _native_row_softmin(geometry, h, eps, native_lengths)
+            elif geometry.cost == "sqeuclidean":
+                f = _absorbed(geometry, h).row(torch.zeros_like(h), eps, guess)
             else:
                 f = _row_softmin(geometry, h, eps)
         ctx.geometry = geometry
-        ctx.save_for_backward(h, eps, f)
+        # The backward's soft-max weights exp(h_j + (f_i - C_ij) / eps): padding rows,
+        # which the native kernel leaves at 0, get f = -inf there, so their weights are
+        # exactly 0 (their incoming gradient is 0, and 0 * exp(overflow) would be NaN).
+        f_weights = f if native_lengths is None else _without_padding_rows(f, native_lengths)
+        ctx.save_for_backward(h, eps, f_weights)
         return f
 
     @staticmethod
@@ -47,8 +51,8 @@ class _PointSoftmin(torch.autograd.Function):
         h, eps, f = ctx.saved_tensors
         geometry = ctx.geometry
         if geometry.cost == "sqeuclidean":
-            grad_x = ctx.absorbed.row_gradient(torch.zeros_like(h), eps, f, grad_f)
-            return grad_x, None, None, None, None
+            grad_x = _absorbed(geometry, h).row_gradient(torch.zeros_like(h), eps, f, grad_f)
+            return grad_x, None, None, None, None, None
         e = eps.unsqueeze(-1)
         grad_x = None
         for i0, i1 in geometry.blocks():
@@ -59,7 +63,28 @@ class _PointSoftmin(torch.autograd.Function):
                 )
             part, _ = geometry.cost_vjp(i0, i1, weight)
             grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
+
+
+def _native_row_softmin(geometry: PointCloud, h, eps, lengths) -> torch.Tensor:
+    """The soft-min on :func:`sinkhorn_ot.ops.point_softmin`: rows ``>= lengths`` are 0
+    and the trailing dropped columns (``h = -inf``) are skipped."""
+    from . import ops
+
+    return ops.point_softmin(
+        geometry.x,
+        geometry.y,
+        eps * h,
+        eps.reshape(-1).expand(h.shape[0]).contiguous(),
+        cost=geometry.cost,
+        cost_scale=geometry.cost_scale,
+        row_lengths=lengths,
+    )
+
+
+def _without_padding_rows(f: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(f.shape[1], device=f.device)
+    return torch.where(rows < lengths.unsqueeze(-1), f, float("-inf"))
 
 
 def _absorbed(geometry: PointCloud, h: torch.Tensor) -> AbsorbedSoftmin:
@@ -85,6 +110,7 @@ def point_softmin(
     scale: float,
     block_elements: int,
     guess: torch.Tensor | None = None,
+    native_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``-eps log sum_j exp(h_j - scale c(x_i, y_j) / eps)``, differentiable w.r.t. ``x``.
 
@@ -96,6 +122,9 @@ def point_softmin(
         cost, scale, block_elements: as :class:`sinkhorn_ot.PointCloud`.
         guess: ``(B, N)`` an estimate of the result (the current potential), which keeps
             the squared Euclidean path's sums near 1 (:mod:`sinkhorn_ot._absorbed_softmin`).
+        native_lengths: ``None``, or ``(B,)`` int64 row lengths: the values come from
+            the native kernel (:func:`sinkhorn_ot.ops.point_softmin`), which skips the
+            padding (rows ``>= native_lengths`` are 0, with zero gradient).
 
     Returns:
         ``(B, N)``.
@@ -118,4 +147,5 @@ def point_softmin(
     """
     geometry = PointCloud(x.detach(), y.detach(), cost, scale=scale, block_elements=block_elements)
     guess = torch.zeros_like(x[..., 0]) if guess is None else guess.detach()
-    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach(), guess)
+    lengths = native_lengths
+    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach(), guess, lengths)

@@ -33,6 +33,7 @@ from ._divergence_loop import (
     SymmetricLoop,
     centred,
     divergence_value,
+    kept_lengths,
     stack_costs,
     stack_points,
     stacked_rows,
@@ -206,31 +207,43 @@ def sinkhorn_divergence(
 #: ``backend="auto"`` runs the half-steps on :func:`sinkhorn_ot.ops.point_softmin` for
 #: point clouds of at most this dimension (on the CPU; see :func:`_native_half_steps`).
 NATIVE_MAX_DIM = 8
+#: ... and for the squared Euclidean cost in float32 when padding makes up at least this
+#: share of the stacked pairs (the native kernel skips it, the torch half-step does not).
+NATIVE_MIN_PADDING = 0.3
 
 
 def _native_half_steps(backend: str, stack, ref: torch.Tensor, cost: str) -> bool:
     """Whether the loop runs on :func:`sinkhorn_ot.ops.point_softmin`.
 
     ``"auto"`` picks it where it was measured faster than the torch half-steps
-    (docs/divergence.md): on the CPU, for ``D <= NATIVE_MAX_DIM``, except the squared
+    (docs/divergence.md): on the CPU, for ``D <= NATIVE_MAX_DIM``; for the squared
     Euclidean cost in float32, whose torch half-step (matrix products with the
-    potential absorbed) is faster, as it is for every cost at larger ``D``. On a GPU
-    ``"auto"`` keeps torch until the CUDA kernel has been measured there.
+    potential absorbed) is faster on equal-size clouds, only when at least
+    ``NATIVE_MIN_PADDING`` of the stacked pairs are padding (ragged batches: the native
+    kernel computes only the real pairs). Torch is faster for every cost at larger ``D``.
+    On a GPU ``"auto"`` keeps torch until the CUDA kernel has been measured there.
     """
     if backend == "torch" or stack.cost is not None:
         return False
     if backend == "auto":
-        faster = (
-            ref.device.type == "cpu"
-            and stack.rows.shape[-1] <= NATIVE_MAX_DIM
-            and (cost != "sqeuclidean" or ref.dtype == torch.float64)
-        )
-        if not faster:
+        if ref.device.type != "cpu" or stack.rows.shape[-1] > NATIVE_MAX_DIM:
             return False
+        if cost == "sqeuclidean" and ref.dtype == torch.float32:
+            if padding_share(stack) < NATIVE_MIN_PADDING:
+                return False
     ok, reason = _build.availability(ref.device, ref.dtype)
     if backend == "native" and not ok:
         raise RuntimeError(f"sinkhorn_divergence(backend='native') is not available: {reason}")
     return ok
+
+
+def padding_share(stack) -> float:
+    """The share of the stacked ``(P B, K, K)`` pairs that involve a trailing padded
+    point: what the native half-step skips."""
+    rows, cols = kept_lengths(stack.row_weights), kept_lengths(stack.col_weights)
+    size = stack.row_weights.shape[-1]
+    real = float((rows * cols).sum())
+    return 1.0 - real / max(1, rows.numel() * size * size)
 
 
 class _Problem:

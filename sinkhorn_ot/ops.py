@@ -169,7 +169,7 @@ def _check_cost(cost, cost_scale) -> None:
         raise ValueError(f"`cost_scale` must be a finite float, got {cost_scale!r}")
 
 
-def _check_softmin(x, y, h, eps, cost, cost_scale) -> None:
+def _check_softmin(x, y, h, eps, cost, cost_scale, row_lengths=None) -> None:
     _check_clouds(x, y)
     batch = x.shape[0]
     if y.shape[1] < 1:
@@ -177,6 +177,20 @@ def _check_softmin(x, y, h, eps, cost, cost_scale) -> None:
     _check_tensor("h", h, (batch, y.shape[1]), x, "x")
     _check_tensor("eps", eps, (batch,), x, "x")
     _check_cost(cost, cost_scale)
+    if row_lengths is None:
+        return
+    if not isinstance(row_lengths, torch.Tensor) or row_lengths.dtype != torch.int64:
+        got = (
+            row_lengths.dtype
+            if isinstance(row_lengths, torch.Tensor)
+            else type(row_lengths).__name__
+        )
+        raise TypeError(f"`row_lengths` must be an int64 tensor, got {got}")
+    if tuple(row_lengths.shape) != (batch,) or row_lengths.device != x.device:
+        raise ValueError(
+            f"`row_lengths` must have shape ({batch},) on the device of `x` ({x.device}), got "
+            f"{_shape(row_lengths)} on {row_lengths.device}"
+        )
 
 
 def _require(device: torch.device, dtype: torch.dtype) -> None:
@@ -361,6 +375,7 @@ def point_softmin(
     *,
     cost: str,
     cost_scale: float,
+    row_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One row soft-min of point clouds, the cost computed on the fly (CPU or CUDA).
 
@@ -375,6 +390,10 @@ def point_softmin(
             drops a point; a row whose every ``h`` is ``-inf`` gets ``+inf``).
         eps: ``(B,)`` positive temperatures.
         cost, cost_scale: as in :func:`solve_points`.
+        row_lengths: ``None`` or ``(B,)`` int64 in ``[0, N]``: rows ``i >=
+            row_lengths[k]`` are padding, not computed, and set to 0. (Trailing points
+            of ``y`` that ``h`` drops are left out of the sums either way, so a padded
+            ragged batch costs only its real pairs on the CPU.)
 
     Returns:
         ``(B, N)`` in the dtype of ``x``.
@@ -391,10 +410,17 @@ def point_softmin(
         >>> want = -eps.view(2, 1) * torch.logsumexp((h.unsqueeze(1) - C) / e, dim=2)
         >>> torch.allclose(out, want, rtol=1e-13, atol=0)
         True
+        >>> short = ops.point_softmin(x, y, h, eps, cost="sqeuclidean", cost_scale=0.5,
+        ...                           row_lengths=torch.tensor([7, 4]))
+        >>> torch.equal(short[1, 4:], torch.zeros(3, dtype=torch.float64)), torch.equal(short[:, :4], out[:, :4])
+        (True, True)
     """
-    _check_softmin(x, y, h, eps, cost, cost_scale)
+    _check_softmin(x, y, h, eps, cost, cost_scale, row_lengths)
     _require(x.device, x.dtype)
-    return torch.ops.sinkhorn_ot.point_softmin(*_prepared(x, y, h, eps), cost, float(cost_scale))
+    lengths = None if row_lengths is None else row_lengths.detach().contiguous()
+    return torch.ops.sinkhorn_ot.point_softmin(
+        *_prepared(x, y, h, eps), cost, float(cost_scale), lengths
+    )
 
 
 def register_fakes() -> None:
@@ -436,8 +462,8 @@ def register_fakes() -> None:
         return outputs(x, x.shape[0], x.shape[1], y.shape[1])
 
     @torch.library.register_fake("sinkhorn_ot::point_softmin")
-    def _point_softmin_fake(x, y, h, eps, cost, cost_scale):
-        _check_softmin(x, y, h, eps, cost, cost_scale)
+    def _point_softmin_fake(x, y, h, eps, cost, cost_scale, row_lengths=None):
+        _check_softmin(x, y, h, eps, cost, cost_scale, row_lengths)
         return x.new_empty(x.shape[:2])
 
     _FAKES_REGISTERED = True

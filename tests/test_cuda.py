@@ -824,6 +824,11 @@ def test_gpu_point_softmin_and_divergence(cost, dtype):
     C = 0.5 * dense_cost(x, y, cost, 1.0)
     want = -eps.view(3, 1) * torch.logsumexp((h.unsqueeze(1) - C) / eps.view(3, 1, 1), dim=2)
     assert_close_rel(out.cpu().double(), want, 1e-12 if dtype == torch.float64 else 1e-5, "out")
+    lengths = torch.tensor([300, 120, 0], device="cuda")
+    short = ops.point_softmin(*(t.to("cuda", dtype) for t in (x, y, h, eps)), cost=cost,
+                              cost_scale=0.5, row_lengths=lengths)  # fmt: skip
+    assert torch.equal(short[0], out[0]) and torch.equal(short[1, :120], out[1, :120])
+    assert bool((short[1, 120:] == 0).all()) and bool((short[2] == 0).all())
     if cost != "sqeuclidean":
         return
     clouds = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (400, 250, 90)]

@@ -17,6 +17,7 @@ from sinkhorn_ot import (
     sinkhorn,
     sinkhorn_divergence,
 )
+from sinkhorn_ot.divergence import NATIVE_MIN_PADDING
 
 F64 = torch.float64
 
@@ -226,7 +227,7 @@ def test_auto_backend_picks_the_measured_faster_half_steps():
 
     if not native.availability("cpu", F64)[0]:
         pytest.skip("the native CPU kernels are not built here")
-    x, y, a, b = clouds(13, batch=2, n=30, m=20, d=3)
+    x, y, a, b = clouds(13, batch=2, n=30, m=30, d=3)
 
     def run(backend, **kw):
         return sinkhorn_divergence(x, y, a, b, blur=0.1, backend=backend, store_cost=False, **kw)
@@ -237,6 +238,22 @@ def test_auto_backend_picks_the_measured_faster_half_steps():
     x, y, a, b = x.float(), y.float(), a.float(), b.float()
     assert torch.equal(run("auto"), run("torch"))
     assert torch.equal(run("auto", p=1), run("native", p=1))
+    # ... unless padding is at least NATIVE_MIN_PADDING of the pairs (a ragged batch),
+    # which the kernel skips: here 1 - (30 * 6 + 6 * 30 + 30 * 30 + 6 * 6) / (4 * 30 * 30)
+    b = b.clone()
+    b[:, 6:] = 0
+    b /= b.sum(-1, keepdim=True)
+    assert padding_share_of(x, y, a, b) > NATIVE_MIN_PADDING
+    assert torch.equal(run("auto"), run("native"))
+    assert not torch.equal(run("auto"), run("torch"))
+
+
+def padding_share_of(x, y, a, b) -> float:
+    from sinkhorn_ot._divergence_loop import stack_points
+    from sinkhorn_ot.divergence import padding_share
+
+    stack = stack_points(x, y, a, b, debias=True, cost="sqeuclidean", scale=0.5, store=False)
+    return padding_share(stack)
 
 
 def test_native_backend_errors_name_the_reason():
@@ -357,8 +374,15 @@ def test_translation():
     assert_close(sinkhorn_divergence(x, y + t, a, b, **options), expected, 1e-9)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("reach", [None, 0.5])
-def test_ragged_batch_equals_loop_of_single_problems(reach):
+def test_ragged_batch_equals_loop_of_single_problems(reach, backend):
+    """The native kernel skips the padded rows and columns (point_softmin's row_lengths
+    and trailing dropped points): the same values and gradients as unpadded problems."""
+    from sinkhorn_ot import native
+
+    if backend == "native" and not native.availability("cpu", F64)[0]:
+        pytest.skip("the native CPU kernels are not built here")
     gen = torch.Generator().manual_seed(9)
     xs = [torch.randn(n, 2, generator=gen, dtype=F64) for n in (9, 4, 12)]
     ys = [torch.randn(m, 2, generator=gen, dtype=F64) + 1 for m in (7, 11, 3)]
@@ -366,11 +390,11 @@ def test_ragged_batch_equals_loop_of_single_problems(reach):
     x = x.clone()
     x[0, 9:] = 1e6  # where padding sits does not matter
     x.requires_grad_(True)
-    batch = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach)
+    batch = sinkhorn_divergence(x, y, a, b, blur=0.1, reach=reach, backend=backend)
     (grad_x,) = grads(batch, (x,))
     for k, (xk, yk) in enumerate(zip(xs, ys, strict=True)):
         xk = xk.clone().requires_grad_(True)
-        alone = sinkhorn_divergence(xk, yk, blur=0.1, reach=reach)
+        alone = sinkhorn_divergence(xk, yk, blur=0.1, reach=reach, backend="torch")
         assert_close(batch[k], alone, 1e-12)
         (gk,) = grads(alone, (xk,))
         assert_close(grad_x[k, : len(xk)], gk, 1e-10)

@@ -424,10 +424,34 @@ def test_point_softmin_all_dropped_row_is_inf_and_threads_agree():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cost", COSTS)
+def test_point_softmin_ragged_batch_costs_only_real_pairs(cost, dtype):
+    """A padded ragged batch: trailing dropped columns (h = -inf) are left out and rows
+    past row_lengths are 0; the real rows equal each problem's unpadded soft-min."""
+    x, y, h, eps = _softmin_args(dtype, cost, d=5)
+    h[0, 20:] = float("-inf")  # trailing padding of y in problem 0
+    h[2, 28] = float("-inf")
+    lengths = torch.tensor([37, 11, 0])
+    out = ops.point_softmin(x, y, h, eps, cost=cost, cost_scale=0.7, row_lengths=lengths)
+    tight = 1e-13 if dtype == torch.float64 else 2e-6
+    for k, (n_k, m_k) in enumerate([(37, 20), (11, 29), (0, 28)]):
+        want = _softmin_reference(
+            x[k : k + 1, :n_k], y[k : k + 1, :m_k], h[k : k + 1, :m_k], eps[k : k + 1], cost, 0.7
+        )[0]
+        gap = (out[k, :n_k].double() - want).abs() / want.abs().clamp_min(1)
+        assert float(gap.max()) <= tight if n_k else True
+        assert torch.equal(out[k, n_k:], torch.zeros(37 - n_k, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_point_softmin_opcheck(dtype):
     x, y, h, eps = _softmin_args(dtype)
     torch.library.opcheck(
         torch.ops.sinkhorn_ot.point_softmin.default, (x, y, h, eps, "euclidean", 0.5)
+    )
+    lengths = torch.tensor([37, 5, 0])
+    torch.library.opcheck(
+        torch.ops.sinkhorn_ot.point_softmin.default, (x, y, h, eps, "euclidean", 0.5, lengths)
     )
 
 
@@ -439,6 +463,21 @@ def test_point_softmin_opcheck(dtype):
         ({"eps": torch.ones(3, dtype=torch.float32)}, TypeError, r"`eps` must have the dtype"),
         ({"cost": "manhattan"}, ValueError, r"`cost` must be one of"),
         ({"cost_scale": float("nan")}, ValueError, r"`cost_scale` must be a finite"),
+        (
+            {"row_lengths": torch.tensor([1.0, 2.0, 3.0])},
+            TypeError,
+            r"`row_lengths` must be an int64",
+        ),
+        (
+            {"row_lengths": torch.tensor([1, 2])},
+            ValueError,
+            r"`row_lengths` must have shape \(3,\)",
+        ),
+        (
+            {"row_lengths": torch.tensor([1, 38, 0])},
+            RuntimeError,
+            r"`row_lengths` must lie in \[0, N = 37\], got 38",
+        ),
     ],
 )
 def test_point_softmin_rejects_bad_arguments(change, error, match):

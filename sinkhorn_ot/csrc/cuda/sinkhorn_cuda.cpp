@@ -239,8 +239,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
 }
 
 // point_softmin: one row soft-min of point clouds (schema in csrc/cpu/point_softmin_cpu.cpp).
+// The CUDA kernel computes every row; row_lengths (padding rows set to 0) is applied
+// after it, so that both devices give the same outputs.
 Tensor point_softmin_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& h_in,
-                          const Tensor& eps_in, c10::string_view cost, double cost_scale) {
+                          const Tensor& eps_in, c10::string_view cost, double cost_scale,
+                          const std::optional<Tensor>& row_lengths) {
   constexpr const char* kOp = "sinkhorn_ot.point_softmin (CUDA)";
   TORCH_CHECK(x_in.is_cuda(), kOp, ": x must be a CUDA tensor");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, kOp,
@@ -259,6 +262,13 @@ Tensor point_softmin_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& 
                 ": y, h and eps must have the device and dtype of x");
   }
   TORCH_CHECK(D > 0, kOp, ": points must have at least one coordinate");
+  if (row_lengths.has_value()) {
+    TORCH_CHECK(row_lengths->dim() == 1 && row_lengths->size(0) == B &&
+                    row_lengths->scalar_type() == at::kLong &&
+                    row_lengths->device() == x_in.device(),
+                kOp, ": row_lengths must be (B,) int64 on the device of x, got ",
+                row_lengths->sizes(), " ", row_lengths->scalar_type());
+  }
   const auto c = parse_cost(std::string_view(cost.data(), cost.size()));
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous(), y = y_in.contiguous(), h = h_in.contiguous();
@@ -286,6 +296,10 @@ Tensor point_softmin_cuda(const Tensor& x_in, const Tensor& y_in, const Tensor& 
     const cudaError_t st = sinkhorn_ot_cuda::point_softmin<T>(args, dev, ws.data_ptr(), stream);
     TORCH_CHECK(st == cudaSuccess, kOp, " failed: ", cudaGetErrorString(st));
   });
+  if (row_lengths.has_value()) {
+    const Tensor rows = at::arange(N, row_lengths->options()).unsqueeze(0);
+    out.masked_fill_(rows >= row_lengths->unsqueeze(1), 0);
+  }
   return out;
 }
 
