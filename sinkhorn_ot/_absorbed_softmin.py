@@ -69,8 +69,15 @@ class AbsorbedSoftmin:
             [self.rows * (2 * self.scale / eps).unsqueeze(-1), alpha.unsqueeze(-1), ones], -1
         )  # (B, N, D + 2)
         floor = _EXP_FLOOR[rows.dtype]
-        for i0 in range(0, rows.shape[1], self.block_rows):
-            block = torch.bmm(rows[:, i0 : i0 + self.block_rows], cols.transpose(1, 2))
+        # One buffer for every full block (the caller reduces each block before the next):
+        # a fresh (B, block_rows, M) tensor per block leaves glibc's heap fragmented once
+        # its mmap threshold has grown, and the resident memory then grows like B N M.
+        batch, n = rows.shape[:2]
+        full = rows.new_empty((batch, min(self.block_rows, n), cols.shape[1]))
+        for i0 in range(0, n, self.block_rows):
+            part = rows[:, i0 : i0 + self.block_rows]
+            out = full if part.shape[1] == full.shape[1] else None
+            block = torch.bmm(part, cols.transpose(1, 2), out=out)
             # Far below the sum's scale a term is 0 to rounding; exp is ten times slower
             # there (its underflow path), so it is cut at a floor instead.
             yield i0, block.clamp_min_(floor).exp_()
