@@ -110,10 +110,13 @@ class Ours(Impl):
 STAGES = {"eps_scaling": 0.5, "eps_stage_iters": 3}
 
 
-def ours_impls(backends: list[str]) -> list[Impl]:
+def ours_impls(backends: list[str], device: torch.device | None = None) -> list[Impl]:
     """Our solver on every available backend, log and kernel forms; on the native
-    backend also the stabilised form, plain and with the stage-wise schedule."""
+    backend also the stabilised form, plain and with the stage-wise schedule, and (on
+    the CPU: the CUDA loops have none) the log domain with adaptive momentum."""
     impls = [Ours(backend, method) for backend in backends for method in ("log", "kernel")]
     if "native" in backends:
         impls += [Ours("native", "stabilised"), Ours("native", "stabilised", "stages", **STAGES)]
+        if device is None or device.type == "cpu":
+            impls += [Ours("native", "log", "momentum", momentum="auto")]
     return impls

@@ -122,7 +122,7 @@ def detect(device_str: str) -> Capabilities:
                 missing[f"grad={mode} ({backend})"] = why
     peers, missing_peers = peer_impls()
     missing.update({f"peer {k}": v for k, v in missing_peers.items()})
-    return Capabilities(device, backends, grad_modes, ours_impls(backends) + peers, missing)
+    return Capabilities(device, backends, grad_modes, ours_impls(backends, device) + peers, missing)
 
 
 def forward_points(device: torch.device) -> list[tuple[str, str, str]]:

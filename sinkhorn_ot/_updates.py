@@ -148,3 +148,23 @@ def row_violation(
     ratio = torch.expm1((f.double() - f_next.double()) / eps.double())  # (B, N)
     # Padded rows (a = 0) may have inf ratios at tiny eps; they carry no mass.
     return torch.where(a > 0, a.double() * ratio.abs(), 0).sum(-1) / mass
+
+
+def column_violation(
+    g: torch.Tensor, g_plain: torch.Tensor, b: torch.Tensor, eps: torch.Tensor, mass: torch.Tensor
+) -> torch.Tensor:
+    """L1 column-marginal violation of the plan of ``(f, g)``, relative to the mass.
+
+    Its column sums are ``b_j exp((g_j - g_plain_j) / eps)`` with ``g_plain = col(f)``;
+    zero when ``g`` is ``col(f)`` (plain Sinkhorn). Momentum blends ``g`` away from it.
+
+    Args:
+        g, g_plain: ``(B, M)``.
+        b: ``(B, M)``.
+        eps: ``(B, 1)``.
+        mass: ``(B,)`` float64 total mass.
+
+    Returns:
+        ``(B,)`` float64.
+    """
+    return row_violation(g, g_plain, b, eps, mass)

@@ -386,6 +386,31 @@ def check_tol(tol: object) -> float | None:
     return float(tol)
 
 
+def check_momentum(momentum: object) -> float | str:
+    """``None`` -> 1.0 (plain Sinkhorn), ``"auto"``, or a float in (0, 2).
+
+    Example:
+        >>> from sinkhorn_ot._validation import check_momentum
+        >>> check_momentum(None), check_momentum(1.5), check_momentum("auto")
+        (1.0, 1.5, 'auto')
+    """
+    if momentum is None:
+        return 1.0
+    if isinstance(momentum, str):
+        if momentum != "auto":
+            raise ValueError(
+                f"`momentum` must be None, 'auto' or a float in (0, 2), got {momentum!r}"
+            )
+        return momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        raise TypeError(
+            f"`momentum` must be None, 'auto' or a float in (0, 2), got {type(momentum).__name__}"
+        )
+    if not 0 < float(momentum) < 2:
+        raise ValueError(f"`momentum` must lie in (0, 2) (over-relaxation), got {momentum}")
+    return float(momentum)
+
+
 def check_eps_scaling(eps_scaling: object) -> float | None:
     if eps_scaling is None:
         return None

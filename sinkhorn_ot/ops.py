@@ -209,6 +209,15 @@ def _finish(out: Outputs, method: str, check_finite: bool) -> Outputs:
     return out
 
 
+def _momentum_args(momentum: float | str) -> tuple[float, bool]:
+    """The ops' ``(momentum, momentum_auto)`` of ``1.0``, a factor or ``"auto"``."""
+    if momentum == "auto":
+        return 1.0, True
+    if isinstance(momentum, str):
+        raise ValueError(f"`momentum` must be a float in (0, 2) or 'auto', got {momentum!r}")
+    return float(momentum), False
+
+
 def _prepared(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().contiguous() for t in tensors]
 
@@ -226,6 +235,7 @@ def solve_dense(
     rho: torch.Tensor | None = None,
     stop: str = "marginals",
     check_finite: bool = True,
+    momentum: float | str = 1.0,
 ) -> Outputs:
     """Sinkhorn potentials of a dense cost, the whole loop in one native call.
 
@@ -246,6 +256,9 @@ def solve_dense(
             ``rho / (rho + eps)`` (docs/unbalanced.md).
         stop: ``"marginals"`` or ``"potentials"``: the stopping rule of balanced
             problems (problems with a relaxed side always stop on their potentials).
+        momentum: ``1.0``, a factor in (0, 2) or ``"auto"``: over-relaxation from the
+            target eps on (``csrc/loop_rules.h``; balanced problems, marginals rule,
+            ``"log"``/``"kernel"``; CPU only).
         check_finite: raise if a potential came out non-finite (one host sync). The
             solver skips it only for ``method="log"`` with ``tol=None``: log-domain
             updates of validated input stay finite, and the caller asked for no checks.
@@ -281,6 +294,7 @@ def solve_dense(
         method,
         None if rho is None else rho.detach().contiguous(),
         stop,
+        *_momentum_args(momentum),
     )
     return _finish(out, method, check_finite)
 
@@ -301,6 +315,7 @@ def solve_points(
     rho: torch.Tensor | None = None,
     stop: str = "marginals",
     check_finite: bool = True,
+    momentum: float | str = 1.0,
 ) -> Outputs:
     """Sinkhorn potentials between point clouds, the cost computed on the fly.
 
@@ -324,7 +339,8 @@ def solve_points(
         cost: ``"sqeuclidean"`` (``|x - y|^2``), ``"euclidean"`` (``|x - y|``) or
             ``"cosine"`` (``1 - <x, y> / (|x| |y|)``, norms floored at ``1e-8``).
         cost_scale: factor applied to the cost.
-        rho, stop: the relaxation and stopping rule, as for :func:`solve_dense`.
+        rho, stop, momentum: the relaxation, stopping rule and momentum, as for
+            :func:`solve_dense`.
         check_finite: as in :func:`solve_dense`.
 
     Returns:
@@ -363,6 +379,7 @@ def solve_points(
         float(cost_scale),
         None if rho is None else rho.detach().contiguous(),
         stop,
+        *_momentum_args(momentum),
     )
     return _finish(out, method, check_finite)
 
@@ -448,7 +465,10 @@ def register_fakes() -> None:
         )
 
     @torch.library.register_fake("sinkhorn_ot::solve")
-    def _solve_fake(C, a, b, f0, eps_table, max_iter, tol, method, rho=None, stop="marginals"):
+    def _solve_fake(
+        C, a, b, f0, eps_table, max_iter, tol, method, rho=None, stop="marginals",
+        momentum=1.0, momentum_auto=False,
+    ):  # fmt: skip
         _check_dense(C, a, b, f0, eps_table, max_iter, tol, method, rho, stop)
         batch, n, m = C.shape
         return outputs(C, batch, n, m)
@@ -456,7 +476,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("sinkhorn_ot::solve_points")
     def _solve_points_fake(
         x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho=None,
-        stop="marginals",
+        stop="marginals", momentum=1.0, momentum_auto=False,
     ):  # fmt: skip
         _check_points(x, y, a, b, f0, eps_table, max_iter, tol, method, cost, cost_scale, rho, stop)
         return outputs(x, x.shape[0], x.shape[1], y.shape[1])

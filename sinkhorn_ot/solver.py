@@ -44,6 +44,7 @@ def sinkhorn(
     rho_a: float | torch.Tensor | None = None,
     rho_b: float | torch.Tensor | None = None,
     stop: str | None = None,
+    momentum: float | str | None = None,
 ) -> SinkhornResult:
     """Solve a batch of entropic optimal transport problems.
 
@@ -111,6 +112,16 @@ def sinkhorn(
             |f_next_i - f_i| / eps`` (the rule, and the only one, of relaxed problems;
             ``err`` is then the larger of that change and the violation of the hard
             marginals). ``None`` chooses per problem.
+        momentum: ``None`` (plain Sinkhorn), a factor ``omega`` in (0, 2), or
+            ``"auto"``: over-relaxation from the target eps on (after any annealing),
+            each half-step moving its potential ``omega`` of the way to the Sinkhorn
+            update, ``f <- f + omega (row(g) - f)``, ``g <- g + omega (col(f) - g)``
+            (as OTT-JAX's ``momentum``). ``"auto"`` runs 20 plain iterations at the
+            target eps, then fixes per problem ``omega = 2 / (1 + sqrt(1 - theta))``
+            from the error's contraction rate ``theta`` over the last 10 (Lehmann et
+            al. 2021). ``err`` then counts both marginals. Balanced problems only; the
+            torch and native CPU backends (``"auto"`` runs torch on a GPU) and
+            ``method`` ``"log"`` or ``"kernel"``. See docs/choosing.md.
 
     Returns:
         :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
@@ -134,6 +145,10 @@ def sinkhorn(
         settings = {"method": method, "max_iter": max_iter, "tol": tol, "grad": grad}
         settings.update(init=init, eps_scaling=eps_scaling, backend=backend, shard_y=shard_y)
         settings.update(rho_a=rho_a, rho_b=rho_b, stop=stop, eps_stage_iters=eps_stage_iters)
+        if momentum not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"`momentum` is not supported for sharded solves (group=...), got {momentum!r}"
+            )
         return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
     arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
     C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
@@ -145,6 +160,7 @@ def sinkhorn(
     eps_scaling = v.check_eps_scaling(eps_scaling)
     eps_stage_iters = v.check_int("eps_stage_iters", eps_stage_iters, 1)
     stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
+    momentum = v.check_momentum(momentum)
     rho_a, rho_b = arrays.tensor(rho_a), arrays.tensor(rho_b)
     problem = v.check_problem(C, a, b, eps, rho_a, rho_b)
     ab, bb, eps_b, rho = problem.a, problem.b, problem.eps, problem.rho
@@ -168,7 +184,8 @@ def sinkhorn(
         f0 = _default_init(ab, eps_b)
     else:  # a warm start comes in the user's frame: move it to the shifted cost's
         f0 = warm.to(ab.dtype) if offset is None else warm.to(ab.dtype) - offset.unsqueeze(-1) / 2
-    backend_used = _select_backend(backend, geometry, grad)
+    _check_momentum_use(momentum, rho, potentials, method, backend, geometry)
+    backend_used = _select_backend(backend, geometry, grad, momentum)
     methods = _candidate_methods(method, geometry, eps_b)
     scale = geometry.scale() if eps_scaling is not None else eps_b
     table = eps_table(eps_b, scale, eps_scaling, eps_stage_iters)  # (B, S)
@@ -179,7 +196,7 @@ def sinkhorn(
             try:
                 f, g, n_iter, err = _run(
                     backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used,
-                    rho, potentials,
+                    rho, potentials, momentum=momentum,
                 )  # fmt: skip
                 break
             except KernelUnderflowError:
@@ -191,7 +208,7 @@ def sinkhorn(
         # err describes the plan that is returned (both marginals, float64), computed once.
         f, g, n_iter, err, plan = _refine(
             backend_used, geometry, ab, bb, eps_b, f, g, n_iter, err, tol, max_iter, method_used,
-            rho, potentials, table.shape[1] - 1 > max_iter,
+            rho, potentials, table.shape[1] - 1 > max_iter, momentum=momentum,
         )  # fmt: skip
     if grad == "implicit" and _any_requires_grad(geometry, ab, bb, eps_b, rho):
         f, g = implicit_potentials(geometry, ab, bb, eps_b, f, g, rho)
@@ -271,8 +288,31 @@ def _mask_padding_gradient(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     return torch.where(padded, C.detach(), C)
 
 
-def _select_backend(backend: str, geometry, grad: str) -> str:
+def _check_momentum_use(momentum, rho, potentials, method, backend, geometry) -> None:
+    """Where ``momentum`` is defined: balanced problems on the marginals rule."""
+    if momentum == 1.0:
+        return
+    if rho is not None or potentials is not None:
+        raise ValueError(
+            "`momentum` needs balanced problems stopping on their marginals (no rho_a/rho_b, "
+            f"stop='marginals'), got momentum={momentum!r}"
+        )
+    if method == "stabilised" and geometry.device.type == "cpu" and backend != "torch":
+        raise ValueError(
+            f"`momentum` runs with method 'log', 'kernel' or 'auto', got method='stabilised' "
+            f"(momentum={momentum!r})"
+        )
+    if backend == "native" and geometry.device.type != "cpu":
+        raise ValueError(
+            f"`momentum` is not implemented in the CUDA kernels (momentum={momentum!r}); use "
+            "backend='auto' or 'torch'"
+        )
+
+
+def _select_backend(backend: str, geometry, grad: str, momentum=1.0) -> str:
     if backend == "torch":
+        return "torch"
+    if momentum != 1.0 and geometry.device.type != "cpu":  # the CUDA loops have none
         return "torch"
     ok, reason = _build.availability(geometry.device, geometry.dtype)
     if backend == "native":
@@ -296,12 +336,17 @@ def _candidate_methods(method: str, geometry, eps: torch.Tensor) -> tuple[str, .
     return ("log",)
 
 
-def _run(backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, potentials=None):
+def _run(
+    backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, potentials=None,
+    *, momentum=1.0,
+):  # fmt: skip
     if backend == "native":
         # The only host sync left with tol=None and method="log" is validation's.
         check_finite = tol is not None or method != "log"
         settings = {"max_iter": max_iter, "tol": tol, "method": method}
         settings["check_finite"] = check_finite
+        if momentum != 1.0:  # the default ops stay as they were
+            settings["momentum"] = momentum
         if rho is not None or potentials is not None:  # the balanced ops stay as they were
             settings["rho"] = None if rho is None else rho.detach()
             # The per-problem rule: relaxed problems always use the potentials rule.
@@ -314,7 +359,7 @@ def _run(backend, geometry, a, b, f0, table, max_iter, tol, method, rho=None, po
         return ops.solve_points(x, y, a, b, f0, table, **settings, **cost)
     return solve(
         geometry, a, b, f0, table, max_iter=max_iter, tol=tol, method=method, rho=rho,
-        potentials=potentials,
+        potentials=potentials, momentum=momentum,
     )  # fmt: skip
 
 
@@ -398,7 +443,7 @@ _REFINE_ROUNDS, _REFINE_FACTOR = 3, 0.25
 
 def _refine(
     backend, geometry, a, b, eps, f, g, n_iter, err, tol, max_iter, method, rho=None,
-    potentials=None, unfinished=False,
+    potentials=None, unfinished=False, *, momentum=1.0,
 ):  # fmt: skip
     """Iterate on where the loop stopped but the returned plan misses ``tol``.
 
@@ -434,7 +479,7 @@ def _refine(
         rule_sub = None if potentials is None else potentials[index]
         f_sub, g_sub, extra, err_sub = _run(
             backend, sub, a[index], b[index], f[index], table, budget, loop_tol, method,
-            rho_sub, rule_sub,
+            rho_sub, rule_sub, momentum=momentum,
         )  # fmt: skip
         f_sub, g_sub = complete_potentials(
             sub, a[index], b[index], f_sub, g_sub, table, budget, rho_sub

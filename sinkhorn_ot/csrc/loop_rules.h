@@ -15,6 +15,15 @@
 //     over one iteration relative to eps. Problems with a relaxed marginal (rho < inf)
 //     always use it; a balanced problem uses it when the caller asks (stop_potentials).
 //     The same should_stop decides on either measure.
+//   * momentum (over-relaxation) omega != 1, balanced problems only: at the target eps
+//     (t >= S - 1), every half-step moves its potential omega of the way to the Sinkhorn
+//     update, f <- f + omega (row(g) - f), then g <- g + omega (col(f) - g), on the
+//     weighted entries (padding takes the plain update). g is then no longer col(f), so
+//     the violation adds the column term sum_j b_j |expm1((g_j - col(f)_j) / eps_t)|,
+//     col(f) being the update before the blend (computed every iteration). A problem
+//     engages momentum (omega != 1) from the first iteration whose error is at most
+//     kMomentumThreshold; the adaptive rule then runs kMomentumWindow plain iterations
+//     and fixes omega = momentum_from_rate over them (Lehmann et al. 2021).
 //   * unbalanced problems: each half-step's soft-min is multiplied by the damping
 //     rho / (rho + eps_t) of its side (rows: rho_a, columns: rho_b), exactly 1 for a
 //     hard side (rho = inf); see docs/unbalanced.md.
@@ -102,5 +111,28 @@ SINKHORN_OT_HD inline bool should_stop(double err, bool has_tol, double tol, int
   if (!(err == err) || err == INFINITY) return true;  // non-finite: the caller reports it
   return has_tol && at_target(t, S) && err <= tol;
 }
+
+// Momentum engages once a problem's error at the target eps is at most this
+// (over-relaxation converges near the fixed point, not from anywhere); the adaptive
+// rule's window (in iterations) of the rate estimate; the largest rate it uses (omega
+// <= 2 / (1 + sqrt(1e-3)) = 1.94: closer to 1 the estimate is noise, omega -> 2 stalls).
+constexpr double kMomentumThreshold = 0.1;
+constexpr int64_t kMomentumWindow = 10;
+constexpr double kMomentumMaxRate = 0.999;
+
+// omega = 2 / (1 + sqrt(1 - theta)) for the rate theta = (err_now / err_before)^(1 /
+// kMomentumWindow) of plain Sinkhorn (the optimal over-relaxation of a linear iteration
+// with that rate); 1 when an error is 0 or not finite.
+SINKHORN_OT_HD inline double momentum_from_rate(double err_now, double err_before) {
+  const double ratio = err_now / err_before;
+  if (!(err_now > 0.0) || !(err_before > 0.0) || !(ratio < INFINITY)) return 1.0;
+  double rate = pow(ratio, 1.0 / static_cast<double>(kMomentumWindow));
+  if (!(rate == rate) || rate < 0.0) rate = 0.0;
+  if (rate > kMomentumMaxRate) rate = kMomentumMaxRate;
+  return 2.0 / (1.0 + sqrt(1.0 - rate));
+}
+
+// Whether iteration t's update may blend (the annealing is over).
+SINKHORN_OT_HD inline bool momentum_on(int64_t t, int64_t S) { return t >= S - 1; }
 
 }  // namespace sinkhorn_ot::rules

@@ -15,7 +15,9 @@
 //   tol = None: exactly max_iter iterations; method: "log" or "kernel";
 //   rho (B, 2): (rho_a, rho_b), the relaxation of each marginal (inf = hard; None: all
 //   balanced), damping the half-steps by rho / (rho + eps); stop: "marginals" or
-//   "potentials", the rule of balanced problems (relaxed ones always use the second).
+//   "potentials", the rule of balanced problems (relaxed ones always use the second);
+//   momentum (omega in (0, 2)) / momentum_auto: over-relaxation from the target eps on
+//   (csrc/loop_rules.h), CPU only: the CUDA kernels reject it.
 //   Returns f (B, N), g (B, M) in the dtype of the inputs (not normalised),
 //   n_iter (B,) int64, err (B,) float64.
 #include <torch/library.h>
@@ -23,11 +25,12 @@
 TORCH_LIBRARY(sinkhorn_ot, m) {
   m.def(
       "solve(Tensor C, Tensor a, Tensor b, Tensor f0, Tensor eps_table, int max_iter, "
-      "float? tol, str method, Tensor? rho=None, str stop=\"marginals\") "
+      "float? tol, str method, Tensor? rho=None, str stop=\"marginals\", float momentum=1.0, "
+      "bool momentum_auto=False) "
       "-> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
   m.def(
       "solve_points(Tensor x, Tensor y, Tensor a, Tensor b, Tensor f0, Tensor eps_table, "
       "int max_iter, float? tol, str method, str cost, float cost_scale, Tensor? rho=None, "
-      "str stop=\"marginals\") "
+      "str stop=\"marginals\", float momentum=1.0, bool momentum_auto=False) "
       "-> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
 }

@@ -46,7 +46,8 @@ inline LoopSettings check_common(const char* op, const at::Tensor& ref, const ch
                             const at::Tensor& eps_table, int64_t max_iter,
                             std::optional<double> tol, std::string_view method,
                             const std::optional<at::Tensor>& rho = std::nullopt,
-                            std::string_view stop = "marginals") {
+                            std::string_view stop = "marginals", double momentum = 1.0,
+                            bool momentum_auto = false) {
   check_input(op, a, "a", {batch, n}, ref, ref_name);
   check_input(op, b, "b", {batch, m}, ref, ref_name);
   check_input(op, f0, "f0", {batch, n}, ref, ref_name);
@@ -62,7 +63,17 @@ inline LoopSettings check_common(const char* op, const at::Tensor& ref, const ch
   if (rho.has_value()) check_input(op, *rho, "rho", {batch, 2}, ref, ref_name);
   TORCH_CHECK(stop == "marginals" || stop == "potentials", op,
               ": `stop` must be \"marginals\" or \"potentials\", got \"", stop, "\"");
+  TORCH_CHECK(momentum > 0.0 && momentum < 2.0, op,
+              ": `momentum` must lie in (0, 2), got ", momentum);
+  const bool blended = momentum_auto || momentum != 1.0;
+  TORCH_CHECK(!blended || (!rho.has_value() && stop == "marginals"), op,
+              ": `momentum` needs balanced problems on the marginals rule (rho = None, "
+              "stop = \"marginals\")");
+  TORCH_CHECK(!blended || method != "stabilised", op,
+              ": `momentum` runs with method \"log\" or \"kernel\", got \"stabilised\"");
   LoopSettings settings;
+  settings.momentum = momentum;
+  settings.momentum_auto = momentum_auto;
   settings.stop_potentials = stop == "potentials";
   settings.max_iter = max_iter;
   settings.has_tol = tol.has_value();

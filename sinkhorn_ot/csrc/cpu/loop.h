@@ -61,20 +61,53 @@ Outcome sinkhorn_loop(const Problem<T>& p, const LoopSettings& s, Steps& steps, 
   steps.prepare(eps_t);
   steps.col(f, g, 0, m_eff);
   Outcome out;
+  // Momentum (loop_rules.h): g_plain = col(f), the update g was blended from.
+  const bool blended = s.blended();
+  T* g_plain = blended ? ws.g_plain.data() : nullptr;
+  if (blended) std::copy(g, g + m_eff, g_plain);
+  // The iteration at which momentum engaged (-1: not yet), the error then, and omega.
+  int64_t engaged = -1;
+  double window_err = 0.0, omega = 1.0;
   for (int64_t t = 0; t <= s.max_iter; ++t) {
     if (t > 0 && t < p.S) {  // annealing: a new column of the table
       eps_t = rules::eps_at(p.eps_row, p.S, t);
       steps.prepare(eps_t);
     }
     steps.row(g, f_next, 0, n_eff);
-    if (s.has_tol || t == s.max_iter) {
+    if (s.has_tol || t == s.max_iter || blended) {
       out.err = stop_measure(f, f_next, p.a, n_eff, eps_t, mass, potentials);
+      if (blended) out.err += stop_measure(g, g_plain, p.b, m_eff, eps_t, mass, false);
+      if (blended && rules::momentum_on(t, p.S)) {
+        if (engaged < 0 && out.err <= rules::kMomentumThreshold) {
+          engaged = t;
+          window_err = out.err;
+          if (!s.momentum_auto) omega = s.momentum;
+        }
+        if (s.momentum_auto && engaged >= 0 && t == engaged + rules::kMomentumWindow) {
+          omega = rules::momentum_from_rate(out.err, window_err);
+        }
+      }
       // A non-finite err also stops; the caller reports it, as the torch loop raises.
       if (rules::should_stop(out.err, s.has_tol, s.tol, t, p.S, s.max_iter)) break;
     }
-    std::swap(f, f_next);
-    std::swap(g, g_prev);
-    steps.col(f, g, 0, m_eff);
+    if (blended && rules::momentum_on(t, p.S)) {
+      // f <- f + omega (row(g) - f), g <- g + omega (col(f) - g) on weighted entries;
+      // padding takes the plain update. g_prev keeps the g of the row update (pad_rows).
+      const T w = static_cast<T>(omega);
+      for (int64_t i = 0; i < n_eff; ++i) {
+        f[i] = p.a[i] > T(0) ? f[i] + w * (f_next[i] - f[i]) : f_next[i];
+      }
+      std::copy(g, g + m_eff, g_prev);
+      steps.col(f, g_plain, 0, m_eff);
+      for (int64_t j = 0; j < m_eff; ++j) {
+        g[j] = p.b[j] > T(0) ? g[j] + w * (g_plain[j] - g[j]) : g_plain[j];
+      }
+    } else {
+      std::swap(f, f_next);
+      std::swap(g, g_prev);
+      steps.col(f, g, 0, m_eff);
+      if (blended) std::copy(g, g + m_eff, g_plain);
+    }
     eps_fg = eps_t;
     ++out.n_iter;
   }
@@ -100,6 +133,7 @@ inline std::pair<int64_t, int64_t> prepare_problem(const Problem<T>& p, Workspac
   const int64_t nm = std::max(n, m);
   grow(ws.f_next, n);
   grow(ws.g_prev, m);
+  grow(ws.g_plain, m);
   T* log_a = grow(ws.log_a, n);
   T* log_b = grow(ws.log_b, m);
   grow(ws.shifted, nm);

@@ -21,6 +21,11 @@ struct LoopSettings {
   double tol = 0.0;
   Method method = Method::kLog;
   bool stop_potentials = false;  // balanced problems too stop on the potentials rule
+  // Over-relaxation from the target eps on (loop_rules.h): a fixed omega, or (auto) one
+  // estimated per problem from the error's rate. omega == 1 and !momentum_auto: none.
+  double momentum = 1.0;
+  bool momentum_auto = false;
+  bool blended() const { return momentum_auto || momentum != 1.0; }
 };
 
 // One problem: inputs (C is (n, m) row-major; nullptr for point clouds, whose Steps
@@ -49,7 +54,7 @@ struct Outcome {
 // Scratch buffers, reused across the problems a thread solves.
 template <typename T>
 struct Workspace {
-  std::vector<T> f_next, g_prev, log_a, log_b, shifted, row_top, col_max, col_sum, scal, kernel,
+  std::vector<T> f_next, g_prev, g_plain, log_a, log_b, shifted, row_top, col_max, col_sum, scal, kernel,
       pad;
   // Stabilised kernel form (stabilised.h): reference and latest potentials.
   std::vector<T> f_hat, g_hat, f_seen, g_seen;

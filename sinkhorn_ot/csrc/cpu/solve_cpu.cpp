@@ -17,12 +17,14 @@ constexpr const char* kOp = "sinkhorn_ot::solve";
 Outputs solve_cpu(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& f0, const at::Tensor& eps_table, int64_t max_iter,
                   std::optional<double> tol, std::string_view method,
-                  const std::optional<at::Tensor>& rho, std::string_view stop) {
+                  const std::optional<at::Tensor>& rho, std::string_view stop,
+                  double momentum, bool momentum_auto) {
   TORCH_CHECK(C.dim() == 3, kOp, ": `C` must have shape (B, N, M), got ", C.sizes());
   check_leading(kOp, C, "C");
   const int64_t batch = C.size(0), n = C.size(1), m = C.size(2);
   const LoopSettings settings =
-      check_common(kOp, C, "C", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop);
+      check_common(kOp, C, "C", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop,
+                   momentum, momentum_auto);
 
   const auto Cc = C.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   const auto f0c = f0.contiguous(), epsc = eps_table.contiguous();

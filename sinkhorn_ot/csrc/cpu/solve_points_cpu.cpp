@@ -19,11 +19,13 @@ Outputs solve_points_cpu(const at::Tensor& x, const at::Tensor& y, const at::Ten
                          const at::Tensor& b, const at::Tensor& f0, const at::Tensor& eps_table,
                          int64_t max_iter, std::optional<double> tol, std::string_view method,
                          std::string_view cost, double cost_scale,
-                         const std::optional<at::Tensor>& rho, std::string_view stop) {
+                         const std::optional<at::Tensor>& rho, std::string_view stop,
+                         double momentum, bool momentum_auto) {
   check_clouds(kOp, x, y);
   const int64_t batch = x.size(0), n = x.size(1), d = x.size(2), m = y.size(1);
   const LoopSettings settings =
-      check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop);
+      check_common(kOp, x, "x", batch, n, m, a, b, f0, eps_table, max_iter, tol, method, rho, stop,
+                   momentum, momentum_auto);
   const CostKind kind = cost_kind(kOp, cost);
   TORCH_CHECK(std::isfinite(cost_scale), kOp, ": `cost_scale` must be finite, got ", cost_scale);
 

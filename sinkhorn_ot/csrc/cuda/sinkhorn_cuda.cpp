@@ -142,14 +142,24 @@ void fill_loop(Args& args, const Loop& l, int64_t max_iter, std::optional<double
   args.err = l.err.data_ptr<double>();
 }
 
+// Momentum (over-relaxation, csrc/loop_rules.h) runs in the CPU loop only; sinkhorn()
+// solves such problems on the torch backend on a GPU.
+void reject_momentum(const char* op, double momentum, bool momentum_auto) {
+  TORCH_CHECK(momentum == 1.0 && !momentum_auto, "sinkhorn_ot.", op,
+              " (CUDA): momentum is not implemented in the CUDA kernels (got momentum = ",
+              momentum, momentum_auto ? ", auto" : "", "); use the torch backend");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> solve_cuda(const Tensor& C_in, const Tensor& a,
                                                       const Tensor& b, const Tensor& f0,
                                                       const Tensor& eps_table, int64_t max_iter,
                                                       std::optional<double> tol,
                                                       c10::string_view method,
                                                       const std::optional<Tensor>& rho,
-                                                      c10::string_view stop) {
+                                                      c10::string_view stop, double momentum,
+                                                      bool momentum_auto) {
   TORCH_CHECK(C_in.is_cuda(), "sinkhorn_ot.solve (CUDA): C must be a CUDA tensor");
+  reject_momentum("solve", momentum, momentum_auto);
   TORCH_CHECK(C_in.dim() == 3, "sinkhorn_ot.solve (CUDA): C must be (B, N, M), got ",
               C_in.sizes());
   const bool km = kernel_method(std::string_view(method.data(), method.size()), "solve");
@@ -199,8 +209,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> solve_points_cuda(
     const Tensor& x_in, const Tensor& y_in, const Tensor& a, const Tensor& b, const Tensor& f0,
     const Tensor& eps_table, int64_t max_iter, std::optional<double> tol,
     c10::string_view method, c10::string_view cost, double cost_scale,
-    const std::optional<Tensor>& rho, c10::string_view stop) {
+    const std::optional<Tensor>& rho, c10::string_view stop, double momentum,
+    bool momentum_auto) {
   TORCH_CHECK(x_in.is_cuda(), "sinkhorn_ot.solve_points (CUDA): x must be a CUDA tensor");
+  reject_momentum("solve_points", momentum, momentum_auto);
   TORCH_CHECK(x_in.dim() == 3 && y_in.dim() == 3 && x_in.size(0) == y_in.size(0) &&
                   x_in.size(2) == y_in.size(2),
               "sinkhorn_ot.solve_points (CUDA): x and y must be (B, N, D) and (B, M, D), got ",
