@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import BACKENDS, GRADS, METHODS  # noqa: F401  (re-exported)
+from .options import BACKENDS, GRADS, METHODS, NEWTON  # noqa: F401  (re-exported)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: Devices whose tensors carry shapes but no values: nothing can be solved there.
@@ -409,6 +409,19 @@ def check_momentum(momentum: object) -> float | str:
     if not 0 < float(momentum) < 2:
         raise ValueError(f"`momentum` must lie in (0, 2) (over-relaxation), got {momentum}")
     return float(momentum)
+
+
+def check_newton(newton: object) -> bool | str:
+    """``"auto"``, ``True`` or ``False``: the Newton polish (docs/choosing.md).
+
+    Example:
+        >>> from sinkhorn_ot._validation import check_newton
+        >>> check_newton("auto"), check_newton(True), check_newton(False)
+        ('auto', True, False)
+    """
+    if isinstance(newton, bool) or (isinstance(newton, str) and newton in NEWTON):
+        return newton
+    raise ValueError(f"`newton` must be 'auto', True or False, got {newton!r}")
 
 
 def check_eps_scaling(eps_scaling: object) -> float | None:

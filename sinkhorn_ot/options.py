@@ -18,3 +18,5 @@ GRADS = ("implicit", "envelope", "unroll", "none")
 BACKENDS = ("auto", "torch", "native")
 #: ``stop=``: the stopping rule (relaxed problems always stop on their potentials).
 STOP_RULES = ("marginals", "potentials")
+#: ``newton=``: the Newton polish of slow problems, always where it applies, or never.
+NEWTON = ("auto", True, False)

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from . import _arrays, _build, ops
+from . import _arrays, _build, _newton, _polish, ops
 from . import _unbalanced as ub
 from . import _validation as v
 from ._loop import KernelUnderflowError, eps_table, solve
@@ -45,6 +45,7 @@ def sinkhorn(
     rho_b: float | torch.Tensor | None = None,
     stop: str | None = None,
     momentum: float | str | None = None,
+    newton: bool | str = "auto",
 ) -> SinkhornResult:
     """Solve a batch of entropic optimal transport problems.
 
@@ -122,6 +123,21 @@ def sinkhorn(
             al. 2021). ``err`` then counts both marginals. Balanced problems only; the
             torch and native CPU backends (``"auto"`` runs torch on a GPU) and
             ``method`` ``"log"`` or ``"kernel"``. See docs/choosing.md.
+        newton: the Newton polish of problems Sinkhorn is slow on (docs/choosing.md,
+            "Newton polish"). ``"auto"`` (default): a problem still above ``tol`` after
+            100 iterations at the target eps is solved again by an annealed Sinkhorn
+            run (``eps_scaling=0.7`` unless given, ``momentum="auto"`` where the
+            backend has it) down to an error of 1e-2, then by Levenberg-Marquardt
+            Newton steps on the semi-dual (float64, a dense ``N x N`` solve each, one
+            iteration each in ``n_iter``), then by Sinkhorn again if those stall; only
+            for balanced problems on the marginals rule with ``tol`` set, ``grad``
+            other than ``"unroll"``, ``N <= 2048`` and ``B N max(N, M) <= 2**23``, and
+            not sharded, and only where 10 more iterations show a rate that predicts
+            over 500 more (or more than the budget); the others continue plain for up
+            to 500 before they are polished. Problems that converge within the 100
+            iterations, or within the continuation, get the iterates of ``False``.
+            ``True``: the same from the end of the schedule on (no wait, no size
+            limit); ``False``: plain Sinkhorn only.
 
     Returns:
         :class:`SinkhornResult` with ``plan (B, N, M)``, ``f (B, N)``, ``g (B, M)``,
@@ -149,6 +165,10 @@ def sinkhorn(
             raise NotImplementedError(
                 f"`momentum` is not supported for sharded solves (group=...), got {momentum!r}"
             )
+        if newton is True:  # "auto" means no polish there
+            raise NotImplementedError(
+                "`newton=True` is not supported for sharded solves (group=...); use 'auto' or False"
+            )
         return sharded_sinkhorn(C, a, b, eps=eps, group=group, **settings)
     arrays = _arrays.Arrays(C, a, b)  # NumPy inputs: tensors inside, NumPy results
     C, a, b, eps, init = (*map(arrays.tensor, (C, a, b, eps)), arrays.pair(init))
@@ -161,6 +181,7 @@ def sinkhorn(
     eps_stage_iters = v.check_int("eps_stage_iters", eps_stage_iters, 1)
     stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
     momentum = v.check_momentum(momentum)
+    newton = v.check_newton(newton)
     rho_a, rho_b = arrays.tensor(rho_a), arrays.tensor(rho_b)
     problem = v.check_problem(C, a, b, eps, rho_a, rho_b)
     ab, bb, eps_b, rho = problem.a, problem.b, problem.eps, problem.rho
@@ -189,19 +210,30 @@ def sinkhorn(
     methods = _candidate_methods(method, geometry, eps_b)
     scale = geometry.scale() if eps_scaling is not None else eps_b
     table = eps_table(eps_b, scale, eps_scaling, eps_stage_iters)  # (B, S)
+    polish = _newton_use(newton, tol, rho, potentials, grad, geometry.shape)
+    # With the polish, the loop gets the schedule plus the patience; the rest of the
+    # budget goes to the problems that have not converged by then (_polish.finish).
+    loop_iter = _polish.loop_budget(polish, newton, max_iter, table)
     # Only "unroll" records the iterations; the other modes attach gradients afterwards.
     context = torch.enable_grad() if grad == "unroll" else torch.no_grad()
     with context:
         for i, method_used in enumerate(methods):
             try:
                 f, g, n_iter, err = _run(
-                    backend_used, geometry, ab, bb, f0, table, max_iter, tol, method_used,
+                    backend_used, geometry, ab, bb, f0, table, loop_iter, tol, method_used,
                     rho, potentials, momentum=momentum,
                 )  # fmt: skip
                 break
             except KernelUnderflowError:
                 if i + 1 == len(methods):
                     raise
+        if polish:
+            settings = {"tol": tol, "max_iter": max_iter, "newton": newton}
+            settings.update(method=method_used, momentum=momentum, backend=backend_used)
+            settings.update(eps_scaling=eps_scaling, eps_stage_iters=eps_stage_iters)
+            f, g, n_iter, err = _polish.finish(
+                _run, geometry, ab, bb, eps_b, f, g, n_iter, err, **settings
+            )
         f, g = complete_potentials(
             geometry, ab, bb, f, g, table, max_iter, rho, padded_rows=problem.padded_rows
         )
@@ -307,6 +339,27 @@ def _check_momentum_use(momentum, rho, potentials, method, backend, geometry) ->
             f"`momentum` is not implemented in the CUDA kernels (momentum={momentum!r}); use "
             "backend='auto' or 'torch'"
         )
+
+
+def _newton_use(newton, tol, rho, potentials, grad, shape) -> bool:
+    """Whether this call runs the Newton polish (``newton=True`` where it cannot raises)."""
+    if newton is False:
+        return False
+    unsupported = None
+    if tol is None:
+        unsupported = "tol=None (a fixed number of iterations)"
+    elif rho is not None or potentials is not None:
+        unsupported = "relaxed marginals or stop='potentials'"
+    elif grad == "unroll":
+        unsupported = "grad='unroll' (its steps are not unrolled)"
+    if newton == "auto":
+        return unsupported is None and _newton.size_ok(shape)
+    if unsupported is not None:
+        raise ValueError(
+            "`newton=True` needs balanced problems on the marginals rule with a tol and "
+            f"grad other than 'unroll', got {unsupported}"
+        )
+    return True
 
 
 def _select_backend(backend: str, geometry, grad: str, momentum=1.0) -> str:

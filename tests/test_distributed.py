@@ -1,7 +1,8 @@
 """sinkhorn(group=...) on 2 gloo ranks (CPU processes) against the single-process solve.
 
-Every rank also solves the whole problem in one process (``group=None``, the oracle)
-and checks its own slice of the sharded result against it, to 1e-10 in float64. Each
+Every rank also solves the whole problem in one process (``group=None``, the oracle;
+``newton=False``, since sharded solves have no Newton polish) and checks its own slice
+of the sharded result against it, to 1e-10 in float64. Each
 test spawns its ranks once and runs several cases in them (starting processes costs
 more than the solves). One test goes through ``torchrun`` itself.
 """
@@ -79,19 +80,19 @@ def _forward_worker(rank, world):
 
     # Balanced point cloud, uneven shards (5 and 8 rows).
     x, y, a, b = _problem(0)
-    full = sinkhorn(PointCloud(x, y), a, b, **settings)
+    full = sinkhorn(PointCloud(x, y), a, b, **settings, newton=False)
     sharded = sinkhorn(PointCloud(x[:, uneven], y), a[:, uneven], b, group=group, **settings)
     _same_result("balanced", sharded, full, uneven)
 
     # Padded rows and columns; rank 0's rows of problem 1 all have zero weight.
     x, y, a, b = _problem(1, pad_rows=[(0, [2, 11]), (1, slice(0, 5))], pad_cols=[(1, [0, 7])])
-    full = sinkhorn(PointCloud(x, y), a, b, **settings)
+    full = sinkhorn(PointCloud(x, y), a, b, **settings, newton=False)
     sharded = sinkhorn(PointCloud(x[:, uneven], y), a[:, uneven], b, group=group, **settings)
     _same_result("padded", sharded, full, uneven)
 
     # A rank whose every weight is zero, in every problem.
     x, y, a, b = _problem(2, pad_rows=[(0, slice(0, 5)), (1, slice(0, 5))])
-    full = sinkhorn(PointCloud(x, y), a, b, **settings)
+    full = sinkhorn(PointCloud(x, y), a, b, **settings, newton=False)
     sharded = sinkhorn(PointCloud(x[:, uneven], y), a[:, uneven], b, group=group, **settings)
     _same_result("zero-weight rank", sharded, full, uneven)
 
@@ -99,14 +100,14 @@ def _forward_worker(rank, world):
     x, y, _, _ = _problem(3, batch=1)
     C = sqeuclidean(x[0], y[0])
     scaled = {**settings, "eps": 0.1, "eps_scaling": 0.5}
-    full = sinkhorn(C, **scaled)
+    full = sinkhorn(C, **scaled, newton=False)
     sharded = sinkhorn(DenseCost(C[uneven]), group=group, **scaled)
     _same_result("dense unbatched", sharded, full, uneven)
 
     # A float32 dense cost far from zero: solved on C - offset, as in one process (the
     # plan would otherwise miss tol=1e-4 by about 1e-2).
     C32 = torch.rand(1, 13, 11, generator=torch.Generator().manual_seed(10)) + 1e4
-    full = sinkhorn(C32, eps=0.1, tol=1e-4, backend="torch")
+    full = sinkhorn(C32, eps=0.1, tol=1e-4, backend="torch", newton=False)
     sharded = sinkhorn(DenseCost(C32[:, uneven]), eps=0.1, tol=1e-4, group=group)
     if not (bool(sharded.converged.all()) and float(sharded.err.max()) <= 1e-4):
         raise AssertionError(f"float32 offset cost: err {sharded.err.tolist()}")
@@ -117,7 +118,9 @@ def _forward_worker(rank, world):
     # A warm start and tol=None (exactly max_iter iterations).
     x, y, a, b = _problem(4)
     first = sinkhorn(PointCloud(x, y), a, b, eps=0.3, max_iter=5, tol=None, backend="torch")
-    full = sinkhorn(PointCloud(x, y), a, b, eps=0.3, init=first.potentials, backend="torch")
+    full = sinkhorn(
+        PointCloud(x, y), a, b, eps=0.3, init=first.potentials, backend="torch", newton=False
+    )
     warm = (first.f[:, uneven], first.g)
     sharded = sinkhorn(
         PointCloud(x[:, uneven], y), a[:, uneven], b, eps=0.3, init=warm, group=group
@@ -126,7 +129,7 @@ def _forward_worker(rank, world):
 
     # Rows and columns sharded (shard_y): a ring over both clouds, uneven both ways.
     x, y, a, b = _problem(5, pad_rows=[(1, [3])], pad_cols=[(0, [8])])
-    full = sinkhorn(PointCloud(x, y), a, b, **settings)
+    full = sinkhorn(PointCloud(x, y), a, b, **settings, newton=False)
     columns = _slices(rank, [0, 6, 9])
     sharded = sinkhorn(
         PointCloud(x[:, uneven], y[:, columns]), a[:, uneven], b[:, columns],
@@ -213,7 +216,9 @@ def _grad_worker(rank, world):
             return res.value.sum() + (res.g * weights).sum()
 
         xf, yf, af, bf, ef = _leaves(x, y, a, b, eps)
-        full = sinkhorn(PointCloud(xf, yf), af, bf, eps=ef, tol=TOL, grad=grad, backend="torch")
+        full = sinkhorn(
+            PointCloud(xf, yf), af, bf, eps=ef, tol=TOL, grad=grad, backend="torch", newton=False
+        )
         want = torch.autograd.grad(loss_of(full), (xf, yf, af, bf, ef))
         xs, ys, as_, bs, es = _leaves(x[:, rows], y, a[:, rows], b, eps)
         sharded = sinkhorn(PointCloud(xs, ys), as_, bs, eps=es, tol=TOL, grad=grad, group=group)
@@ -226,7 +231,7 @@ def _grad_worker(rank, world):
     # A dense row block, implicit gradient of the plan's rows and of f.
     C = sqeuclidean(x, y)
     (Cf,) = _leaves(C)
-    full = sinkhorn(Cf, a, b, eps=0.3, tol=TOL, backend="torch")
+    full = sinkhorn(Cf, a, b, eps=0.3, tol=TOL, backend="torch", newton=False)
     probe = torch.randn(C.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
     want = torch.autograd.grad((full.plan * probe).sum() + full.f.pow(2).sum(), Cf)[0]
     (Cs,) = _leaves(C[:, rows])
@@ -300,7 +305,7 @@ def _bad_input_worker(rank, world):
         lambda: torch.autograd.grad(stopped.value.sum(), x_grad),
     )  # fmt: skip
     # After all these failures the ranks are still in step: a valid solve works.
-    full = sinkhorn(PointCloud(x, y), a, b, eps=0.3, tol=TOL, backend="torch")
+    full = sinkhorn(PointCloud(x, y), a, b, eps=0.3, tol=TOL, backend="torch", newton=False)
     sharded = sinkhorn(PointCloud(x_l, y), a_l, b, eps=0.3, tol=TOL, group=group)
     _same_result("after errors", sharded, full, rows)
 
@@ -350,7 +355,7 @@ def _unbalanced_worker(rank, world):
     inf = float("inf")
 
     def both(label, geometry, local, a, b, rows=uneven, **kw):
-        full = sinkhorn(geometry, a, b, **settings, **kw)
+        full = sinkhorn(geometry, a, b, **settings, **kw, newton=False)
         sharded = sinkhorn(local, a[:, rows], b, group=group, **settings, **kw)
         _same_result(label, sharded, full, rows)
         return sharded, full
@@ -392,7 +397,9 @@ def _unbalanced_worker(rank, world):
     eps, rho = torch.tensor([0.4, 0.3], dtype=F64), torch.tensor([0.7, inf], dtype=F64)
     kw = {"tol": TOL, "grad": "envelope", "rho_b": 1.2}
     xf, yf, af, bf, ef, rf = _leaves(x, y, a, b, eps, rho)
-    full = sinkhorn(PointCloud(xf, yf), af, bf, eps=ef, rho_a=rf, backend="torch", **kw)
+    full = sinkhorn(
+        PointCloud(xf, yf), af, bf, eps=ef, rho_a=rf, backend="torch", **kw, newton=False
+    )
     want = torch.autograd.grad(full.value.sum(), (xf, yf, af, bf, ef, rf))
     xs, ys, as_, bs, es, rs = _leaves(x[:, rows], y, a[:, rows], b, eps, rho)
     sharded = sinkhorn(PointCloud(xs, ys), as_, bs, eps=es, rho_a=rs, group=group, **kw)

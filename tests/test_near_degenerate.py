@@ -80,11 +80,23 @@ def test_geomloss_symmetry_example_plan_and_value_are_exact(c, backend):
 
 
 def test_unannealed_run_on_ill_conditioned_potentials_does_not_claim_convergence(backend):
-    """Without annealing the slow mode shows in the marginals (err ~ 1 / (2 T)): the run
-    stops unconverged and says so, rather than returning potentials 1.1 off."""
+    """Without annealing the slow mode shows in the marginals (err ~ 1 / (2 T)): plain
+    Sinkhorn stops unconverged and says so, rather than returning potentials 1.1 off."""
     C, _, _ = _closed_form_2x2(5.957)
     uniform = torch.full((2,), 0.5, dtype=F64)
     with pytest.warns(SinkhornConvergenceWarning):
-        res = sinkhorn(C, uniform, uniform, eps=EPS, max_iter=1000, backend=backend)
+        res = sinkhorn(C, uniform, uniform, eps=EPS, max_iter=1000, backend=backend,
+                       newton=False)  # fmt: skip
     assert not bool(res.converged)
     assert float(res.err) > 1e-5
+
+
+def test_default_newton_polish_reaches_the_closed_form_without_annealing(backend):
+    """The same run with the defaults: the Newton polish takes over from the slow mode
+    and lands on the closed-form plan and value."""
+    C, exact_plan, exact_value = _closed_form_2x2(5.957)
+    uniform = torch.full((2,), 0.5, dtype=F64)
+    res = sinkhorn(C, uniform, uniform, eps=EPS, max_iter=1000, grad="none", backend=backend)
+    assert bool(res.converged)
+    assert (res.plan - exact_plan).abs().max() <= 1e-9
+    assert abs(float(res.value) - exact_value) <= 1e-8

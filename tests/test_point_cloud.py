@@ -348,7 +348,7 @@ def test_implicit_self_transport_value_gradient_is_finite():
         with pytest.warns(SinkhornConvergenceWarning):
             res = sinkhorn(
                 PointCloud(rows, cols, scale=0.5), b, b, eps=0.09, tol=1e-12, max_iter=3000,
-                grad=grad, backend="torch",
+                grad=grad, backend="torch", newton=False,  # the polish would reach 1e-12
             )  # fmt: skip
         assert float(res.err.max()) < 1e-5
         out[grad] = torch.autograd.grad(res.value.sum(), (rows, cols))

@@ -1,0 +1,155 @@
+"""What ``newton="auto"``/``True`` does around the Sinkhorn loop of :func:`sinkhorn`.
+
+The loop runs first, for the schedule plus :data:`~sinkhorn_ot._newton.NEWTON_PATIENCE`
+iterations (``"auto"``) or the schedule alone (``True``): :func:`loop_budget`. Then
+:func:`finish` takes the problems still above ``tol``:
+
+1. ``"auto"`` runs :data:`RATE_WINDOW` more iterations of the same loop to measure each
+   problem's contraction rate; a problem whose rate predicts at most
+   :data:`NEWTON_WORTH` more iterations (and within its budget) continues the loop for
+   up to that many, so it gets exactly the iterates of ``newton=False`` (for plain
+   Sinkhorn) if it converges by then.
+2. The others, and those the rate misjudged, are polished: an annealed log-domain Sinkhorn run with momentum down to
+   :data:`~sinkhorn_ot._newton.NEWTON_START`, Newton steps
+   (:func:`sinkhorn_ot._newton.polish`), and Sinkhorn at the target eps if those stall.
+
+Every stage stays within the caller's ``max_iter``. ``run`` is the solver's loop
+dispatch (``solver._run``: the torch loop or a native op), passed in so that this
+module does not import the solver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _newton
+from ._loop import eps_table
+from ._updates import safe_log
+from .geometry import DenseCost
+
+#: ``"auto"``: iterations after the patience over which a problem's rate is measured.
+RATE_WINDOW = 10
+#: ``"auto"`` polishes a problem when its rate predicts more iterations than this to
+#: ``tol`` (or more than its budget): the polish costs about as much as a few hundred
+#: Sinkhorn iterations (an annealed run, then Newton steps of ``N x N`` solves).
+NEWTON_WORTH = 500
+
+
+def loop_budget(polish: bool, newton, max_iter: int, table: torch.Tensor) -> int:
+    """``max_iter`` of the first loop: all of it without the polish."""
+    if not polish:
+        return max_iter
+    patience = _newton.NEWTON_PATIENCE if newton == "auto" else 0
+    return min(max_iter, table.shape[1] - 1 + patience)
+
+
+class _Batch:
+    """The batch's ``f, g, n_iter, err``, updated problem subset by problem subset."""
+
+    def __init__(self, f, g, n_iter, err):
+        self.f, self.g, self.n_iter, self.err = f, g, n_iter, err
+
+    def stalled(self, tol: float, max_iter: int) -> torch.Tensor:
+        """Indices of the problems above ``tol`` with iterations left, ``(K,)``."""
+        return ((self.err > tol) & (self.n_iter < max_iter)).nonzero().flatten()
+
+    def update(self, index, f, g, extra, err) -> None:
+        self.f = self.f.index_copy(0, index, f.to(self.f.dtype))
+        self.g = self.g.index_copy(0, index, g.to(self.g.dtype))
+        self.n_iter = self.n_iter.index_copy(0, index, self.n_iter[index] + extra)
+        self.err = self.err.index_copy(0, index, err.to(self.err.dtype))
+
+
+def finish(
+    run, geometry, a, b, eps, f, g, n_iter, err, *, tol, max_iter, newton, method, momentum,
+    eps_scaling, eps_stage_iters, backend,
+):  # fmt: skip
+    """Continue or polish the problems the first loop left above ``tol``.
+
+    Args:
+        run: ``run(backend, geometry, a, b, f0, table, max_iter, tol, method,
+            momentum=...)`` returning ``f, g, n_iter, err`` (``solver._run``).
+        geometry, a, b: the batch's problems (``(B, N, M)``, weights ``(B, N)``, ``(B, M)``).
+        eps: ``(B,)`` target eps.
+        f, g, n_iter, err: what the first loop returned, ``(B, N)``, ``(B, M)``, ``(B,)``.
+        tol, max_iter, newton, method, momentum, eps_scaling, eps_stage_iters, backend:
+            the call's settings (validated).
+
+    Returns:
+        ``f, g, n_iter, err`` as the loop returns them.
+    """
+    state = _Batch(f, g, n_iter, err)
+    index = state.stalled(tol, max_iter)
+    if len(index) == 0:
+        return f, g, n_iter, err
+    target = eps.unsqueeze(-1)
+
+    def loop(index, table, iterations, loop_tol, loop_method, loop_momentum):
+        f_sub, g_sub, extra, err_sub = run(
+            backend, geometry.select(index), a[index], b[index], state.f[index], table,
+            iterations, loop_tol, loop_method, momentum=loop_momentum,
+        )  # fmt: skip
+        state.update(index, f_sub, g_sub, extra, err_sub)
+
+    def budget(index) -> int:
+        return int((max_iter - state.n_iter[index]).min())
+
+    if newton == "auto":
+        before = state.err[index]
+        loop(index, target[index], min(RATE_WINDOW, budget(index)), tol, method, momentum)
+        slow = _predicted_iterations(before, state.err[index], tol) > torch.minimum(
+            torch.full_like(before, NEWTON_WORTH), (max_iter - state.n_iter[index]).double()
+        )
+        quick = index[~slow]
+        quick = quick[torch.isin(quick, state.stalled(tol, max_iter))]
+        if len(quick):  # the loop as it was (the iterates of newton=False), for as long
+            # as the polish would cost: an early rate can be optimistic.
+            iterations = min(budget(quick), NEWTON_WORTH)
+            loop(quick, target[quick], iterations, tol, method, momentum)
+        index = index[torch.isin(index, state.stalled(tol, max_iter))]
+        if len(index) == 0:
+            return state.f, state.g, state.n_iter, state.err
+    _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, momentum,
+            eps_scaling, eps_stage_iters, backend)  # fmt: skip
+    return state.f, state.g, state.n_iter, state.err
+
+
+def _predicted_iterations(before, after, tol) -> torch.Tensor:
+    """``(K,)`` float64 iterations to ``tol`` at the rate from ``before`` to ``after``
+    over :data:`RATE_WINDOW` iterations (``inf`` where the error did not shrink)."""
+    before, after = before.double(), after.double()
+    shrinking = (after < before) & (after > 0)
+    log_rate = torch.where(shrinking, (after / before).log() / RATE_WINDOW, -1.0)
+    remaining = torch.log(tol / after.clamp_min(tol)) / log_rate
+    return torch.where(shrinking, remaining, math.inf)
+
+
+def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, momentum,
+            eps_scaling, eps_stage_iters, backend):  # fmt: skip
+    """Annealed Sinkhorn to NEWTON_START, Newton steps, Sinkhorn if they stall."""
+    sub = geometry.select(index)
+    # Annealed (unless the caller chose a schedule) and with momentum where the backend
+    # has it (the native CUDA loops do not): the fastest way into Newton's reach. Always
+    # the log domain: annealing from max|C| would underflow the kernel form, and the
+    # native stabilised kernel has no momentum.
+    scaling = _newton.NEWTON_BRIDGE_SCALING if eps_scaling is None else eps_scaling
+    table = eps_table(eps[index], sub.scale(), scaling, eps_stage_iters)
+    cuda_native = backend == "native" and geometry.device.type != "cpu"
+    bridge_momentum = "auto" if momentum == 1.0 and not cuda_native else momentum
+    start = max(tol, _newton.NEWTON_START)
+    loop(index, table, budget(index), start, "log", bridge_momentum)
+
+    cost = sub.C if isinstance(sub, DenseCost) else sub.dense()
+    f_sub, steps, err_sub = _newton.polish(
+        cost, a[index], b[index], eps[index], state.f[index], tol, max_iter - state.n_iter[index]
+    )
+    target = eps[index].unsqueeze(-1)
+    step = sub.log_step(safe_log(a[index]), safe_log(b[index]), target)
+    state.update(index, f_sub, step.col(f_sub), steps, err_sub)
+
+    left = state.stalled(tol, max_iter)
+    left = left[torch.isin(left, index)]
+    if len(left):  # the steps stalled: Sinkhorn at the target eps, for what is left
+        loop(left, eps[left].unsqueeze(-1), budget(left), tol, "log", momentum)
