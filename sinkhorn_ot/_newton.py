@@ -47,6 +47,9 @@ NEWTON_PATIENCE = 100
 NEWTON_MAX_ROWS = 2048
 #: ... and at most this many entries in ``B * N * max(N, M)`` (float64 buffers).
 NEWTON_MAX_ELEMENTS = 1 << 23
+#: Steps of one polish at most: from NEWTON_START it converges in 2-20 (docs/choosing.md);
+#: a problem still above tol after these goes back to Sinkhorn iterations.
+NEWTON_MAX_STEPS = 50
 #: Levenberg-Marquardt damping: start, factor, and the value at which a problem whose
 #: steps keep failing leaves the polish (to the Sinkhorn iterations after it).
 _MU_START, _MU_FACTOR, _MU_GIVE_UP, _MU_FLOOR = 1e-6, 4.0, 1e4, 1e-12
@@ -110,7 +113,18 @@ def _step(plan, r, a, b, eps, mu):
     rhs = rhs - pin * (pin * rhs).sum(-1, keepdim=True)
     system = curvature + pin.unsqueeze(2) * pin.unsqueeze(1)
     system.diagonal(dim1=1, dim2=2).add_(mu)
-    nu = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))[0].squeeze(-1)
+    # The system is symmetric positive definite: Cholesky (also because MKL's batched
+    # LU fails outright once torch.set_num_threads has been called, torch 2.14). A
+    # non-finite system (an overflowed plan) is never factorised, and one that is not
+    # numerically positive definite gets no step: either way the step is 0, which the
+    # caller rejects (and damps the next one more).
+    finite = torch.isfinite(system).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=-1)
+    eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+    factor, info = torch.linalg.cholesky_ex(torch.where(finite.view(-1, 1, 1), system, eye))
+    solved = finite & (info == 0)
+    factor = torch.where(solved.view(-1, 1, 1), factor, eye)
+    rhs = torch.where(solved.unsqueeze(-1), rhs, 0)
+    nu = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     quadratic = (nu * torch.bmm(curvature, nu.unsqueeze(-1)).squeeze(-1)).sum(-1)
     predicted = ((rhs * nu).sum(-1) - 0.5 * quadratic) / eps.squeeze(-1)
     return torch.where(real, nu / scale, 0), predicted
@@ -133,7 +147,8 @@ def polish(
         eps: ``(B,)``.
         f: ``(B, N)`` row potential to start from (``g = col(f)`` is implied).
         tol: target of the relative L1 violation of ``(f, col(f))``'s plan.
-        budget: ``(B,)`` int64, steps each problem may take (each counts as an iteration).
+        budget: ``(B,)`` int64, steps each problem may take (each counts as an iteration;
+            never more than :data:`NEWTON_MAX_STEPS`).
 
     Returns:
         ``f (B, N)`` in the dtype of ``f``, ``steps (B,)`` int64 (steps taken, rejected
@@ -178,7 +193,9 @@ def polish(
         r = torch.where(accepted.unsqueeze(-1), r_t, r)
         err = torch.where(accepted, err_t, err)
         value = torch.where(accepted, value_t, value)
-        mu = torch.where(good, (mu / _MU_FACTOR).clamp_min(_MU_FLOOR), mu * _MU_FACTOR)
+        damped = torch.where(good, (mu / _MU_FACTOR).clamp_min(_MU_FLOOR), mu * _MU_FACTOR)
+        mu = torch.where(active, damped, mu)
         steps = steps + active
         active = active & (err > tol) & (steps < budget) & (mu <= _MU_GIVE_UP)
+        active &= steps < NEWTON_MAX_STEPS
     return f.to(dtype), steps, err
