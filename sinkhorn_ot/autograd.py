@@ -359,11 +359,29 @@ def _solve_scaled_dense(P, a_safe, b_safe, real_f, real_g, rf, rg, pinned=None):
     rhs = (rhs - u * (u * rhs).sum(-1, keepdim=True)) * real_g64
     if not bool(torch.isfinite(S).all() & torch.isfinite(rhs).all()):
         raise ImplicitGradientError(_NON_FINITE_ADJOINT)
-    nu_g = torch.linalg.solve(S, rhs)
+    nu_g = _solve_positive_definite(S, rhs)
     nu_f = rt_f - torch.bmm(A, nu_g.unsqueeze(-1)).squeeze(-1)
     mu_f = (nu_f / sa * real_f64).to(dtype)
     mu_g = (nu_g / sb * real_g64).to(dtype)
     return mu_f, mu_g
+
+
+def _solve_positive_definite(S: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``S^-1 rhs`` for symmetric positive definite ``S (B, K, K)``, ``rhs (B, K)``.
+
+    Cholesky, not LU: MKL's batched LU (``torch.linalg.solve``) fails outright ("Pivots
+    given to lu_solve must all be greater or equal to 1") once ``torch.set_num_threads``
+    has been called (torch 2.14), and Cholesky needs half the work. A problem whose
+    matrix is not numerically positive definite (an ill-conditioned Schur complement)
+    is solved by least squares instead.
+    """
+    factor, info = torch.linalg.cholesky_ex(S)
+    solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+    rejected = info != 0
+    if bool(rejected.any()):
+        fallback = torch.linalg.lstsq(S[rejected], rhs[rejected].unsqueeze(-1)).solution
+        solution[rejected] = fallback.squeeze(-1)
+    return solution
 
 
 def _schur_cg(P, a_safe, b_safe, real_g, rhs):

@@ -211,3 +211,38 @@ def test_closed_form_parameter_gradients_equal_autograd_of_residuals(padded):
         Q, C, a, b, eps, f, g, lam_f, lam_g, [False, True, False, True]
     )
     assert partial[0] is None and partial[2] is None
+
+
+#: Run in a fresh process: after ``torch.set_num_threads`` MKL's batched LU fails for the
+#: rest of the process (torch 2.14), which would leak into other tests' oracles.
+_AFTER_SET_NUM_THREADS = """
+import torch
+torch.set_num_threads(torch.get_num_threads())
+from sinkhorn_ot import PointCloud, sinkhorn
+C = torch.rand(4, 400, 420, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+C.requires_grad_(True)
+res = sinkhorn(C, eps=0.05, tol=1e-9)
+(grad,) = torch.autograd.grad(res.value.sum(), C)
+print("implicit", float((grad - res.plan.detach()).abs().max()))
+gen = torch.Generator().manual_seed(1)
+x = torch.randn(2, 300, 3, generator=gen, dtype=torch.float64)
+y = torch.randn(2, 350, 3, generator=gen, dtype=torch.float64) + 1
+polished = sinkhorn(PointCloud(x, y, scale=0.5), eps=0.005, grad="none")
+print("newton", bool(polished.converged.all()), int(polished.n_iter.max()))
+"""
+
+
+def test_dense_solves_survive_set_num_threads():
+    """The implicit backward's dense solve and the Newton polish, after a call of
+    ``torch.set_num_threads`` (the value's gradient is the plan: Danskin)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _AFTER_SET_NUM_THREADS], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert float(lines["implicit"]) <= 1e-9
+    converged, n_iter = lines["newton"].split()
+    assert converged == "True" and int(n_iter) <= 1000
