@@ -147,5 +147,4 @@ def point_softmin(
     """
     geometry = PointCloud(x.detach(), y.detach(), cost, scale=scale, block_elements=block_elements)
     guess = torch.zeros_like(x[..., 0]) if guess is None else guess.detach()
-    lengths = native_lengths
-    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach(), guess, lengths)
+    return _PointSoftmin.apply(x, geometry, h.detach(), eps.detach(), guess, native_lengths)
