@@ -531,6 +531,25 @@ def test_gpu_parity_with_torch_backend(shape, method, dtype, path):
     assert_parity(ref, out, dtype)
 
 
+@pytest.mark.usefixtures("cuda_ok")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
+def test_gpu_newton_polish_matches_cpu():
+    """The default Newton polish on the GPU (native CUDA loops without momentum in its
+    annealed run, torch's Cholesky for the steps) lands on the CPU's fixed point."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 60, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 70, 3, generator=gen, dtype=torch.float64) + 1
+    kw = {"eps": 0.01, "grad": "none"}
+    cpu = sinkhorn(PointCloud(x, y, scale=0.5), **kw)
+    gpu = sinkhorn(PointCloud(x.cuda(), y.cuda(), scale=0.5), **kw)
+    assert bool(gpu.converged.all()) and bool((gpu.n_iter <= 1000).all())
+    plain = sinkhorn(PointCloud(x.cuda(), y.cuda(), scale=0.5), newton=False, **kw)
+    assert not bool(plain.converged.any())  # the default max_iter is too short without it
+    diff = (gpu.plan.to_dense().cpu() - cpu.plan.to_dense()).abs().sum((1, 2))
+    assert float(diff.max()) <= 4e-5  # both within tol = 1e-5 of the same plan
+
+
 @pytest.mark.parametrize("path", ["small", "large"], indirect=True)
 @pytest.mark.parametrize("method", ["log", "kernel"])
 @pytest.mark.usefixtures("cuda_ok")
