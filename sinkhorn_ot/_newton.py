@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ._updates import safe_log
+from ._updates import LogStep, log_plan, safe_log
 
 #: A problem enters the polish once its error is at most this (far from the fixed
 #: point the Levenberg-Marquardt steps are short and Sinkhorn iterations are cheaper).
@@ -77,17 +77,13 @@ class _SemiDual:
         self.C, self.a, self.b, self.eps = C, a, b, eps
         self.log_a, self.log_b = safe_log(a), safe_log(b)
         self.mass = a.sum(-1)
-
-    def col(self, f: torch.Tensor) -> torch.Tensor:
-        scores = (self.log_a + f / self.eps).unsqueeze(2) - self.C / self.eps.unsqueeze(-1)
-        return -self.eps * torch.logsumexp(scores, dim=1)
+        self.half_steps = LogStep(C, self.log_a, self.log_b, eps)  # C / eps, computed once
 
     def evaluate(self, f: torch.Tensor):
         """``plan (B, N, M)``, ``r (B, N)``, ``err (B,)`` (relative L1 row violation: the
         column marginal is exact) and ``F (B,)``."""
-        g = self.col(f)
-        logits = (f.unsqueeze(2) + g.unsqueeze(1) - self.C) / self.eps.unsqueeze(-1)
-        plan = torch.exp(self.log_a.unsqueeze(2) + self.log_b.unsqueeze(1) + logits)
+        g = self.half_steps.col(f)
+        plan = log_plan(self.C, self.log_a, self.log_b, f, g, self.eps)
         r = plan.sum(-1)
         err = (r - self.a).abs().sum(-1) / self.mass
         value = (f * self.a).sum(-1) + (g * self.b).sum(-1)
