@@ -6,7 +6,8 @@ and concave: Newton's method converges in a handful of steps once it is close
 (Brauer, Clason, Lorenz and Wirth 2017, "A Sinkhorn-Newton method for entropic optimal
 transport"). The solver uses it as a polish (docs/choosing.md, "Newton polish"):
 Sinkhorn first, Newton on the problems that have not converged after
-:data:`NEWTON_PATIENCE` iterations, from an error of at most :data:`NEWTON_START`.
+:data:`NEWTON_PATIENCE` iterations and whose rate says they will not soon
+(:mod:`sinkhorn_ot._polish` decides), from an error of at most :data:`NEWTON_START`.
 
 The variable is the row potential ``f`` alone, with ``g = col(f)`` (the loop's
 invariant, so the column marginal stays exact). The semi-dual ``F(f) = <f, a> +
