@@ -36,14 +36,21 @@ from ._updates import LogStep, log_plan, safe_log
 #: A problem enters the polish once its error is at most this (far from the fixed
 #: point the Levenberg-Marquardt steps are short and Sinkhorn iterations are cheaper).
 NEWTON_START = 1e-2
-#: The annealing factor of the Sinkhorn run that brings a problem into Newton's reach
-#: (unless the caller gave one). Slower than GeomLoss's 0.5 per iteration: on the
-#: point-cloud case of docs/choosing.md it leaves the target eps closer to the fixed
-#: point, 199-333 iterations to NEWTON_START against 335-436 with 0.5.
+#: The polish is a continuation in eps: Newton at ``eps * 2**NEWTON_STAGES``, then at each
+#: halving down to ``eps``, each stage started from the line through the last two
+#: stages' potentials and brought to NEWTON_START by Sinkhorn. Sinkhorn's iterations to
+#: NEWTON_START about double with each halving of eps (49, 70, 103, 163, 260 from 16 eps
+#: down to eps on the point-cloud case of docs/choosing.md), while a stage costs about
+#: 20 iterations and 1-3 steps: four halvings are about where a fifth stops paying.
+NEWTON_STAGES = 4
+#: The error each stage but the last is polished to (the last one goes to ``tol``).
+NEWTON_STAGE_TOL = 1e-3
+#: The annealing factor of the Sinkhorn run from the cost scale into the first stage
+#: (unless the caller gave one).
 NEWTON_BRIDGE_SCALING = 0.7
 #: ``newton="auto"``: iterations at the target eps a problem gets before the polish.
 #: Problems that converge within them never see it (their results are unchanged).
-NEWTON_PATIENCE = 100
+NEWTON_PATIENCE = 20
 #: ``newton="auto"`` only where the dense steps are cheap: at most this many rows ...
 NEWTON_MAX_ROWS = 2048
 #: ... and at most this many entries in ``B * N * max(N, M)`` (float64 buffers).

@@ -129,28 +129,59 @@ def _predicted_iterations(before, after, tol) -> torch.Tensor:
 
 def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, momentum,
             eps_scaling, eps_stage_iters, backend):  # fmt: skip
-    """Annealed Sinkhorn to NEWTON_START, Newton steps, Sinkhorn if they stall."""
+    """Newton continuation in eps: annealed Sinkhorn to the first stage, then at each stage
+    Sinkhorn to NEWTON_START and Newton steps, then Sinkhorn if the last steps stall."""
     sub = geometry.select(index)
-    # Annealed (unless the caller chose a schedule) and with momentum where the backend
-    # has it (the native CUDA loops do not): the fastest way into Newton's reach. Always
-    # the log domain: annealing from max|C| would underflow the kernel form, and the
-    # native stabilised kernel has no momentum.
+    cost = sub.C if isinstance(sub, DenseCost) else sub.dense()
+    log_a, log_b = safe_log(a[index]), safe_log(b[index])
+    stages = _stage_eps(eps[index], sub.scale())
+    # Annealed into the first stage (with the caller's factor if any) and with momentum
+    # where the backend has it (the native CUDA loops do not): the fastest way into
+    # Newton's reach. Always the log domain: annealing from max|C| would underflow the
+    # kernel form, and the native stabilised kernel has no momentum.
     scaling = _newton.NEWTON_BRIDGE_SCALING if eps_scaling is None else eps_scaling
-    table = eps_table(eps[index], sub.scale(), scaling, eps_stage_iters)
     cuda_native = backend == "native" and geometry.device.type != "cpu"
     bridge_momentum = "auto" if momentum == 1.0 and not cuda_native else momentum
-    start = max(tol, _newton.NEWTON_START)
-    loop(index, table, budget(index), start, "log", bridge_momentum)
-
-    cost = sub.C if isinstance(sub, DenseCost) else sub.dense()
-    f_sub, steps, err_sub = _newton.polish(
-        cost, a[index], b[index], eps[index], state.f[index], tol, max_iter - state.n_iter[index]
-    )
-    target = eps[index].unsqueeze(-1)
-    step = sub.log_step(safe_log(a[index]), safe_log(b[index]), target)
-    state.update(index, f_sub, step.col(f_sub), steps, err_sub)
+    solved = []  # f after each stage's Newton steps, for the extrapolation
+    for number, stage in enumerate(stages):
+        last = number == len(stages) - 1
+        stage_tol = tol if last else max(tol, _newton.NEWTON_STAGE_TOL)
+        if number == 0:
+            table = eps_table(stage, sub.scale(), scaling, eps_stage_iters)
+        else:
+            table = stage.unsqueeze(-1)
+            if len(solved) == 2:  # f is about linear in eps between the stages
+                state.f = state.f.index_copy(
+                    0, index, _extrapolate(*solved, *stages[number - 2 : number + 1])
+                )
+        loop(index, table, budget(index), max(stage_tol, _newton.NEWTON_START), "log",
+             bridge_momentum)  # fmt: skip
+        f_sub, steps, err_sub = _newton.polish(
+            cost, a[index], b[index], stage, state.f[index], stage_tol,
+            max_iter - state.n_iter[index],
+        )  # fmt: skip
+        step = sub.log_step(log_a, log_b, stage.unsqueeze(-1))
+        state.update(index, f_sub, step.col(f_sub), steps, err_sub)
+        solved = [*solved[-1:], f_sub.to(state.f.dtype)]
 
     left = state.stalled(tol, max_iter)
     left = left[torch.isin(left, index)]
     if len(left):  # the steps stalled: Sinkhorn at the target eps, for what is left
         loop(left, eps[left].unsqueeze(-1), budget(left), tol, "log", momentum)
+
+
+def _stage_eps(target: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    """The eps of the continuation's stages, ``(K,)`` each, the last one ``target``:
+    ``target * 2**s`` for ``s = NEWTON_STAGES, ..., 0``, none above the cost scale."""
+    ceiling = torch.maximum(scale.to(target.dtype), target)
+    powers = range(_newton.NEWTON_STAGES, -1, -1)
+    return [torch.minimum(target * 2.0**power, ceiling) for power in powers]
+
+
+def _extrapolate(f_older, f_old, eps_older, eps_old, eps_new) -> torch.Tensor:
+    """``(K, N)`` start of the next stage: the line through the last two stages' ``f``
+    (``f`` moves about linearly with eps), or ``f_old`` where those two eps coincide
+    (stages capped at the cost scale)."""
+    gap = (eps_old - eps_older).unsqueeze(-1)
+    slope = torch.where(gap != 0, (f_old - f_older) / torch.where(gap != 0, gap, 1), 0)
+    return f_old + slope * (eps_new - eps_old).unsqueeze(-1)

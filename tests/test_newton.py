@@ -87,8 +87,8 @@ def test_err_and_converged_describe_the_returned_plan(backend):
 def test_problems_converging_within_the_patience_are_untouched():
     x, y = hard_clouds(seed=3)
     C = half_sqeuclidean(x, y)
-    auto = sinkhorn(C, eps=0.5, backend="torch")
-    plain = sinkhorn(C, eps=0.5, backend="torch", newton=False)
+    auto = sinkhorn(C, eps=1.0, backend="torch")
+    plain = sinkhorn(C, eps=1.0, backend="torch", newton=False)
     assert bool((auto.n_iter < NEWTON_PATIENCE).all())
     assert torch.equal(auto.f, plain.f) and torch.equal(auto.g, plain.g)
     assert torch.equal(auto.n_iter, plain.n_iter)
@@ -110,13 +110,18 @@ def test_a_misjudged_rate_is_polished_after_the_continuation():
     C = torch.rand(6, 20, 25, generator=torch.Generator().manual_seed(0), dtype=F64)
     auto = sinkhorn(C, eps=0.005, backend="torch", max_iter=5000)
     plain = sinkhorn(C, eps=0.005, backend="torch", max_iter=5000, newton=False)
-    # Problem 1 needs 1 611 plain iterations although its rate after 110 predicted fewer
+    # Problem 1 needs 1 611 plain iterations although its early rate predicted fewer
     # than NEWTON_WORTH: it is polished once the continuation has run out.
-    assert int(plain.n_iter[1]) > NEWTON_PATIENCE + RATE_WINDOW + NEWTON_WORTH
+    continuation = NEWTON_PATIENCE + RATE_WINDOW + NEWTON_WORTH
+    assert int(plain.n_iter[1]) > continuation
     assert int(auto.n_iter[1]) < int(plain.n_iter[1])
     assert bool(auto.converged.all())
     assert float((auto.plan - plain.plan).abs().sum((1, 2)).max()) <= 1e-4
-    assert bool((auto.n_iter <= plain.n_iter).all())
+    # Those plain Sinkhorn finishes within the continuation are untouched.
+    within = plain.n_iter <= continuation
+    assert bool(within.any()) and bool((~within).sum() >= 2)
+    assert torch.equal(auto.f[within], plain.f[within])
+    assert torch.equal(auto.n_iter[within], plain.n_iter[within])
 
 
 @pytest.mark.skipif(not native.availability("cpu", F64)[0], reason="native CPU library unavailable")
@@ -178,8 +183,8 @@ def test_max_iter_bounds_every_stage_and_unconverged_is_reported():
     x, y = hard_clouds()
     C = half_sqeuclidean(x, y)
     with pytest.warns(SinkhornConvergenceWarning):
-        res = sinkhorn(C, eps=0.002, backend="torch", max_iter=150)
-    assert bool((res.n_iter <= 150).all())
+        res = sinkhorn(C, eps=0.002, backend="torch", max_iter=100)
+    assert bool((res.n_iter <= 100).all())
     a, b = torch.full((2, 60), 1 / 60, dtype=F64), torch.full((2, 70), 1 / 70, dtype=F64)
     assert torch.allclose(res.err, plan_violation(res.plan, a, b), rtol=1e-6)
     assert not bool(res.converged.any()) and bool((res.err > 1e-5).all())
