@@ -492,6 +492,9 @@ def complete_potentials(geometry, a, b, f, g, table, max_iter, rho=None, padded_
 
 #: Rounds of :func:`_refine`, each with a tolerance this much tighter than the last.
 _REFINE_ROUNDS, _REFINE_FACTOR = 3, 0.25
+#: A round counts as progress when it brought the plan's error below this fraction of
+#: what it was.
+_REFINE_PROGRESS = 0.5
 
 
 def _refine(
@@ -519,8 +522,11 @@ def _refine(
     # returned, unless an unfinished schedule recomputed g (complete_potentials).
     certified, plan = certify(f, g, None if unfinished else err)
     loop_tol = tol
+    # A problem whose plan did not improve in a round is at its dtype's rounding floor
+    # (float32 at small eps): tighter rounds would only spend its budget.
+    improving = torch.ones_like(certified, dtype=torch.bool)
     for _ in range(_REFINE_ROUNDS if tol is not None else 0):
-        redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter)
+        redo = (certified > tol) & (err <= loop_tol) & (n_iter < max_iter) & improving
         if not bool(redo.any()):
             break
         index = redo.nonzero().flatten()
@@ -540,7 +546,9 @@ def _refine(
         f, g = f.index_copy(0, index, f_sub), g.index_copy(0, index, g_sub)
         n_iter = n_iter.index_copy(0, index, n_iter[index] + extra)
         err = err.index_copy(0, index, err_sub)
+        before = certified
         certified, plan = certify(f, g, None if unfinished else err)
+        improving = certified < _REFINE_PROGRESS * before
     return f, g, n_iter, certified, plan
 
 

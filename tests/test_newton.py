@@ -272,3 +272,17 @@ def test_bad_newton_values_are_rejected(bad):
 def test_sharded_solves_reject_newton_true():
     with pytest.raises(NotImplementedError, match="`newton=True`"):
         sinkhorn(torch.rand(4, 5), eps=0.1, group=object(), newton=True)
+
+
+def test_float32_at_its_rounding_floor_does_not_spend_the_budget():
+    # At eps = 0.002 float32 potentials of size ~10 round to ~4e-4 of eps: the plan's
+    # marginals cannot get below ~1e-4, so tol=1e-5 is out of reach whatever the budget.
+    x, y = hard_clouds(dtype=torch.float32)
+    clouds = PointCloud(x, y, scale=0.5)
+    with pytest.warns(SinkhornConvergenceWarning):
+        res = sinkhorn(clouds, eps=0.002, backend="torch")
+    with pytest.warns(SinkhornConvergenceWarning):
+        longer = sinkhorn(clouds, eps=0.002, backend="torch", max_iter=5000)
+    assert bool((res.err > 1e-5).all()) and not bool(res.converged.any())
+    assert bool((longer.err > 0.5 * res.err).all()), (longer.err, res.err)  # the floor
+    assert bool((res.n_iter < 500).all()), res.n_iter  # not 1000: the rounds stopped
