@@ -9,10 +9,12 @@ iterations (``"auto"``) or the schedule alone (``True``): :func:`loop_budget`. T
    :data:`NEWTON_WORTH` more iterations (and within its budget) continues the loop for
    up to that many, so it gets exactly the iterates of ``newton=False`` (for plain
    Sinkhorn) if it converges by then.
-2. The others, and those the rate misjudged, are polished: an annealed log-domain
-   Sinkhorn run with momentum down to :data:`~sinkhorn_ot._newton.NEWTON_START`,
-   Newton steps (:func:`sinkhorn_ot._newton.polish`), and Sinkhorn at the target eps
-   if those stall.
+2. The others, and those the rate misjudged, are polished by a continuation in eps
+   (:data:`~sinkhorn_ot._newton.NEWTON_STAGES` halvings down to the target): an
+   annealed log-domain Sinkhorn run into the first stage, then at each stage Sinkhorn
+   with momentum down to :data:`~sinkhorn_ot._newton.NEWTON_START` and Newton steps
+   (:func:`sinkhorn_ot._newton.polish`), and Sinkhorn at the target eps if the last
+   steps stall.
 
 Every stage stays within the caller's ``max_iter``. ``run`` is the solver's loop
 dispatch (``solver._run``: the torch loop or a native op), passed in so that this

@@ -125,16 +125,17 @@ def sinkhorn(
             ``method`` ``"log"`` or ``"kernel"``. See docs/choosing.md.
         newton: the Newton polish of problems Sinkhorn is slow on (docs/choosing.md,
             "Newton polish"). ``"auto"`` (default): a problem still above ``tol`` after
-            100 iterations at the target eps is solved again by an annealed Sinkhorn
-            run (``eps_scaling=0.7`` unless given, ``momentum="auto"`` where the
-            backend has it) down to an error of 1e-2, then by Levenberg-Marquardt
+            20 iterations at the target eps is solved again by a continuation in
+            eps: an annealed Sinkhorn run (``eps_scaling=0.7`` unless given,
+            ``momentum="auto"`` where the backend has it) into ``16 eps``, then at
+            ``16, 8, 4, 2, 1 x eps`` Sinkhorn to an error of 1e-2 and Levenberg-Marquardt
             Newton steps on the semi-dual (float64, a dense ``N x N`` solve each, one
-            iteration each in ``n_iter``), then by Sinkhorn again if those stall; only
+            iteration each in ``n_iter``), then Sinkhorn again if the last stall; only
             for balanced problems on the marginals rule with ``tol`` set, ``grad``
             other than ``"unroll"``, ``N <= 2048`` and ``B N max(N, M) <= 2**23``, and
             not sharded, and only where 10 more iterations show a rate that predicts
             over 500 more (or more than the budget); the others continue plain for up
-            to 500 before they are polished. Problems that converge within the 100
+            to 500 before they are polished. Problems that converge within the 20
             iterations, or within the continuation, get the iterates of ``False``.
             ``True``: the same from the end of the schedule on (no wait, no size
             limit); ``False``: plain Sinkhorn only.
