@@ -136,7 +136,8 @@ def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, mome
     sub = geometry.select(index)
     cost = sub.C if isinstance(sub, DenseCost) else sub.dense()
     log_a, log_b = safe_log(a[index]), safe_log(b[index])
-    stages = _stage_eps(eps[index], sub.scale())
+    scale = sub.scale()  # max |C|: a pass over every cost entry of a point cloud
+    stages = _stage_eps(eps[index], scale)
     # Annealed into the first stage (with the caller's factor if any) and with momentum
     # where the backend has it (the native CUDA loops do not): the fastest way into
     # Newton's reach. Always the log domain: annealing from max|C| would underflow the
@@ -149,7 +150,7 @@ def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, mome
         last = number == len(stages) - 1
         stage_tol = tol if last else max(tol, _newton.NEWTON_STAGE_TOL)
         if number == 0:
-            table = eps_table(stage, sub.scale(), scaling, eps_stage_iters)
+            table = eps_table(stage, scale, scaling, eps_stage_iters)
         else:
             table = stage.unsqueeze(-1)
             if len(solved) == 2:  # f is about linear in eps between the stages
