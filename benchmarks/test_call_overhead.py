@@ -27,8 +27,9 @@ from sinkhorn_ot._loop import eps_table
 
 #: (B, N, M) of the rows: ELIM's matching step, then two grid points.
 SIZES = [(9, 10, 10), (512, 128, 128), (4096, 32, 32)]
-#: (tol, max_iter): "no checks" (a fixed iteration count) and the default stopping rule.
-SETTINGS = [(None, 20), (1e-5, 1000)]
+#: (tol, max_iter): "no checks" (a fixed iteration count), a fixed tol and the default
+#: stopping rule ("auto": 1e-5 here, at the cost of reading the cost scale).
+SETTINGS = [(None, 20), (1e-5, 1000), ("auto", 1000)]
 _ROWS: list[dict] = []
 
 
@@ -71,7 +72,7 @@ def _median_seconds(fn, budget: float, sync) -> float:
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["x".join(map(str, s)) for s in SIZES])
-@pytest.mark.parametrize("tol, max_iter", SETTINGS, ids=["tol-None", "tol-1e-5"])
+@pytest.mark.parametrize("tol, max_iter", SETTINGS, ids=["tol-None", "tol-1e-5", "tol-auto"])
 def test_call_overhead(size, tol, max_iter, bench):
     device = bench["device"]
     if "native" not in bench["caps"].backends:
@@ -108,7 +109,7 @@ def test_call_overhead(size, tol, max_iter, bench):
         run_call()
     row = {
         "size": "x".join(map(str, size)),
-        "tol": "None" if tol is None else f"{tol:g}",
+        "tol": tol if tol in (None, "auto") else f"{tol:g}",
         "n_iter": iterations,
         "op_us": op_s * 1e6,
         "call_us": call_s * 1e6,

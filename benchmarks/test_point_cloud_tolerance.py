@@ -5,7 +5,8 @@ The case: ``x = randn(4, 500, 3)``, ``y = randn(4, 600, 3) + 1``, ``C = |x - y|^
 weights, in float64 and float32. Rows:
 
 * ``ours default``: ``sinkhorn(PointCloud(x, y, scale=0.5), eps=eps)`` with every
-  default (``tol=1e-5``, ``max_iter=1000``, ``newton="auto"``);
+  default (``tol="auto"``: ``1e-5`` in float64, float32's rounding floor at this eps in
+  float32; ``max_iter=1000``, ``newton="auto"``);
 * ``ours newton=False``: plain Sinkhorn, ``max_iter=20000``;
 * ``ours annealed+momentum, newton=False``: ``eps_scaling=0.5, eps_stage_iters=10,
   momentum="auto"``, the best schedule without the polish, ``max_iter=20000``;
@@ -15,7 +16,8 @@ weights, in float64 and float32. Rows:
 
 Each row reports iterations (ours: ``n_iter`` per problem; GeomLoss: the length of its
 eps schedule, one iteration per value), the largest ``err`` (the
-relative L1 violation of both marginals, float64), whether the call warned, and the best
+relative L1 violation of both marginals, float64), the ``tol`` our ``converged`` refers
+to (``result.tol``), whether the call warned, and the best
 of three interleaved timings (one for the slow plain rows). Written to
 ``<out>/<device>-point-cloud-tolerance.md`` and printed.
 """
@@ -56,7 +58,7 @@ def _ours(x, y, **settings):
         warnings.simplefilter("always", SinkhornConvergenceWarning)
         res = sinkhorn(PointCloud(x, y, scale=0.5), eps=EPS, grad="none", **settings)
     warned = any(issubclass(w.category, SinkhornConvergenceWarning) for w in caught)
-    return res.n_iter.tolist(), float(res.err.max()), warned
+    return res.n_iter.tolist(), float(res.err.max()), warned, res.tol
 
 
 def _geomloss(x, y, scaling):
@@ -72,7 +74,7 @@ def _geomloss(x, y, scaling):
 
     diameter = max_diameter(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
     iterations = len(epsilon_schedule(2, diameter, BLUR, scaling))  # one per eps value
-    return [iterations], float(_violation(plan).max()), False
+    return [iterations], float(_violation(plan).max()), False, None
 
 
 def _timed(fn, rounds):
@@ -106,10 +108,11 @@ def test_point_cloud_to_tolerance(dtype, bench):
     _timed(rows["ours default"][0], 1)  # builds and warms the native library
     results = {name: _timed(fn, rounds) for name, (fn, rounds) in rows.items()}
     reference = results["ours default"][0]
-    for name, (seconds, (n_iter, err, warned)) in results.items():
+    for name, (seconds, (n_iter, err, warned, tol)) in results.items():
         _ROWS.append({
             "dtype": str(dtype).replace("torch.", ""), "impl": name, "seconds": seconds,
             "ratio": seconds / reference, "n_iter": n_iter, "err": err, "warned": warned,
+            "tol": tol,
         })  # fmt: skip
     _write(bench)
     assert results["ours default"][1][1] >= 0
@@ -121,19 +124,23 @@ def _write(bench) -> None:
         "",
         f"Device: {bench['device']}, threads: {bench['threads']}. 4 problems of 500 against "
         "600 points in 3-D (`y` shifted by 1), `C = |x - y|^2 / 2`, `eps = 0.0025` (GeomLoss "
-        "blur 0.05), default `tol = 1e-5`. `err`: the largest relative L1 violation of both "
-        "marginals over the 4 plans. `time / ours default`: above 1, slower than our "
+        'blur 0.05), default `tol="auto"`. `err`: the largest relative L1 violation of both '
+        "marginals over the 4 plans; `tol`: what our `converged` refers to (`result.tol`: "
+        "1e-5, or float32's rounding floor at this eps). `time / ours default`: above 1, "
+        "slower than our "
         "default call. Command: `pytest benchmarks/test_point_cloud_tolerance.py "
         "--benchmark`.",
         "",
-        "| dtype | implementation | iterations | err | warning | time (s) | time / ours default |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | implementation | iterations | err | tol | warning | time (s) | "
+        "time / ours default |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in _ROWS:
         low, high = min(r["n_iter"]), max(r["n_iter"])
         n_iter = str(low) if low == high else f"{low}–{high}"
         lines.append(
             f"| {r['dtype']} | {r['impl']} | {n_iter} | {r['err']:.1e} | "
+            f"{'–' if r['tol'] is None else format(r['tol'], '.1e')} | "
             f"{'yes' if r['warned'] else 'no'} | {r['seconds']:.3f} | {r['ratio']:.2f} |"
         )
     text = "\n".join(lines) + "\n"

@@ -67,7 +67,7 @@ class _Batch:
 
 def finish(
     run, geometry, a, b, eps, f, g, n_iter, err, *, tol, max_iter, newton, method, momentum,
-    eps_scaling, eps_stage_iters, backend,
+    eps_scaling, eps_stage_iters, backend, newton_tol=None,
 ):  # fmt: skip
     """Continue or polish the problems the first loop left above ``tol``.
 
@@ -78,7 +78,11 @@ def finish(
         eps: ``(B,)`` target eps.
         f, g, n_iter, err: what the first loop returned, ``(B, N)``, ``(B, M)``, ``(B,)``.
         tol, max_iter, newton, method, momentum, eps_scaling, eps_stage_iters, backend:
-            the call's settings (validated).
+            the call's settings (validated; ``tol`` resolved to a float).
+        newton_tol: what the last Newton stage aims for (``None``: ``tol``). Below
+            ``tol`` for ``tol="auto"`` in float32: the steps compute in float64, so they
+            reach ``1e-5`` where the float32 loop stops at its rounding floor
+            (:func:`sinkhorn_ot._tolerance.aim`).
 
     Returns:
         ``f, g, n_iter, err`` as the loop returns them.
@@ -114,7 +118,8 @@ def finish(
         index = index[torch.isin(index, state.stalled(tol, max_iter))]
         if len(index) == 0:
             return state.f, state.g, state.n_iter, state.err
-    _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, momentum,
+    aim = tol if newton_tol is None else newton_tol
+    _polish(state, loop, budget, geometry, a, b, eps, index, tol, aim, max_iter, momentum,
             eps_scaling, eps_stage_iters, backend)  # fmt: skip
     return state.f, state.g, state.n_iter, state.err
 
@@ -129,10 +134,11 @@ def _predicted_iterations(before, after, tol) -> torch.Tensor:
     return torch.where(shrinking, remaining, math.inf)
 
 
-def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, momentum,
+def _polish(state, loop, budget, geometry, a, b, eps, index, tol, aim, max_iter, momentum,
             eps_scaling, eps_stage_iters, backend):  # fmt: skip
     """Newton continuation in eps: annealed Sinkhorn to the first stage, then at each stage
-    Sinkhorn to NEWTON_START and Newton steps, then Sinkhorn if the last steps stall."""
+    Sinkhorn to NEWTON_START and Newton steps (the last ones to ``aim <= tol``), then
+    Sinkhorn if the last steps stall."""
     sub = geometry.select(index)
     cost = sub.C if isinstance(sub, DenseCost) else sub.dense()
     log_a, log_b = safe_log(a[index]), safe_log(b[index])
@@ -148,7 +154,7 @@ def _polish(state, loop, budget, geometry, a, b, eps, index, tol, max_iter, mome
     solved = []  # f after each stage's Newton steps, for the extrapolation
     for number, stage in enumerate(stages):
         last = number == len(stages) - 1
-        stage_tol = tol if last else max(tol, _newton.NEWTON_STAGE_TOL)
+        stage_tol = aim if last else max(aim, _newton.NEWTON_STAGE_TOL)
         if number == 0:
             table = eps_table(stage, scale, scaling, eps_stage_iters)
         else:

@@ -374,11 +374,14 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def check_tol(tol: object) -> float | None:
-    if tol is None:
-        return None
+def check_tol(tol: object, auto: bool = False) -> float | str | None:
+    """A positive float or ``None``; with ``auto``, also ``"auto"`` (resolved by
+    :mod:`sinkhorn_ot._tolerance` once the problem is known)."""
+    if tol is None or (auto and isinstance(tol, str) and tol == "auto"):
+        return tol
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"`tol` must be a positive float or None, got {type(tol).__name__}")
+        expected = "a positive float, 'auto' or None" if auto else "a positive float or None"
+        raise TypeError(f"`tol` must be {expected}, got {type(tol).__name__} {tol!r}")
     if not tol > 0:
         raise ValueError(
             f"`tol` must be > 0 (or None to run exactly max_iter iterations), got {tol}"

@@ -44,6 +44,7 @@ from . import _validation as v
 from ._collectives import Ranks, SumGradients, SumOverRanks
 from ._loop import eps_table
 from ._sharded_validation import validate
+from ._tolerance import is_auto, resolve
 from ._unbalanced import damping, potential_change
 from ._updates import damped, row_violation, safe_log
 from .autograd import envelope_value
@@ -349,7 +350,7 @@ def sharded_sinkhorn(
         "grad": v.check_choice("grad", grad, v.GRADS),
         "backend": v.check_choice("backend", backend, v.BACKENDS),
         "max_iter": v.check_int("max_iter", max_iter, 0),
-        "tol": v.check_tol(tol),
+        "tol": v.check_tol(tol, auto=True),
         "eps_scaling": v.check_eps_scaling(eps_scaling),
         "eps_stage_iters": v.check_int("eps_stage_iters", eps_stage_iters, 1),
         "shard_y": bool(shard_y),
@@ -365,6 +366,8 @@ def sharded_sinkhorn(
     scale = geometry.scale() if settings["eps_scaling"] is not None else eps_b
     table = eps_table(eps_b, scale, settings["eps_scaling"], settings["eps_stage_iters"])
     max_iter, tol = settings["max_iter"], settings["tol"]
+    if is_auto(tol):  # the sharded max|C| (every rank the same), padding included
+        tol = resolve(tol, geometry.dtype, geometry.scale(), eps_b)
     with torch.no_grad():
         f, g, n_iter, err = solve_sharded(
             geometry, ab, bb, f0, table, max_iter=max_iter, tol=tol, mass=problem.mass,
@@ -566,8 +569,10 @@ def _ring_result(geometry: RingShards, a, b, eps, f, g, n_iter, err, tol) -> Sin
         f, g = f + shift.unsqueeze(-1), g - shift.unsqueeze(-1)
         value = (fa + gb).to(f.dtype)  # the shift cancels in <f, a> + <g, b>
         linear = linear.to(f.dtype)
-    converged = certified <= (tol if tol is not None else _DEFAULT_TOL)
-    return SinkhornResult(None, f, g, value, linear, n_iter, certified, converged, "log", "torch")
+    reference = tol if tol is not None else _DEFAULT_TOL
+    converged = certified <= reference
+    parts = (None, f, g, value, linear, n_iter, certified, converged, "log", "torch")
+    return SinkhornResult(*parts, tol=reference)
 
 
 __all__ = [

@@ -28,6 +28,9 @@ class SinkhornResult:
             only if the violation is tiny; see ``sinkhorn``).
         method: ``"log"`` or ``"kernel"``, the form actually used.
         backend: ``"torch"`` or ``"native"``, the backend actually used.
+        tol: the float ``converged`` refers to: the ``tol`` passed, what ``tol="auto"``
+            resolved to (``1e-5``, or the float32 rounding floor where higher; see
+            ``sinkhorn``), or ``1e-5`` for ``tol=None``.
 
     Example:
         >>> import torch
@@ -47,6 +50,7 @@ class SinkhornResult:
     converged: torch.Tensor
     method: str
     backend: str
+    tol: float = 1e-5
 
     @property
     def potentials(self) -> tuple[torch.Tensor, torch.Tensor]:

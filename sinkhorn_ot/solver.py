@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from . import _arrays, _build, _newton, _polish, ops
+from . import _arrays, _build, _newton, _polish, _tolerance, ops
 from . import _unbalanced as ub
 from . import _validation as v
 from ._loop import KernelUnderflowError, eps_table, solve
@@ -22,7 +22,7 @@ from .result import SinkhornResult
 #: far from where ``exp(-C / eps)`` underflows (about 87 in float32, 708 in float64).
 KERNEL_SAFE_RANGE = {torch.float32: 50.0, torch.float64: 500.0}
 
-_DEFAULT_TOL = 1e-5
+_DEFAULT_TOL = _tolerance.DEFAULT_TOL
 
 
 def sinkhorn(
@@ -33,7 +33,7 @@ def sinkhorn(
     eps: float | torch.Tensor,
     method: str = "log",
     max_iter: int = 1000,
-    tol: float | None = _DEFAULT_TOL,
+    tol: float | str | None = "auto",
     grad: str = "implicit",
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps_scaling: float | None = None,
@@ -76,8 +76,13 @@ def sinkhorn(
             while ``max|C|/eps`` is small, log otherwise or on underflow).
         max_iter: maximum number of iterations.
         tol: stop each problem once ``(||P 1 - a||_1 + ||P^T 1 - b||_1) / sum(a) <= tol``
-            (checked every iteration; converged problems stop updating). ``None`` runs
-            exactly ``max_iter`` iterations; ``converged`` then reports ``err <= 1e-5``.
+            (checked every iteration; converged problems stop updating). ``"auto"``
+            (default): ``1e-5``, or where higher the dtype's rounding floor
+            ``torch.finfo(dtype).eps * max|C| / eps`` (real entries, the largest over the
+            batch), below which no plan of that dtype gets (float32 at small eps;
+            docs/conventions.md, "The default tolerance"); the float64 Newton polish
+            still aims at ``1e-5``. ``None`` runs exactly ``max_iter`` iterations;
+            ``converged`` then reports ``err <= 1e-5``. ``result.tol`` is the value used.
         grad: how gradients reach ``C``, ``a``, ``b`` and a tensor ``eps``:
             ``"implicit"`` (default; implicit function theorem at the fixed point, for
             every output, memory independent of ``max_iter``), ``"envelope"`` (Danskin:
@@ -177,7 +182,7 @@ def sinkhorn(
     grad = v.check_choice("grad", grad, v.GRADS)
     backend = v.check_choice("backend", backend, v.BACKENDS)
     max_iter = v.check_int("max_iter", max_iter, 0)
-    tol = v.check_tol(tol)
+    tol = v.check_tol(tol, auto=True)
     eps_scaling = v.check_eps_scaling(eps_scaling)
     eps_stage_iters = v.check_int("eps_stage_iters", eps_stage_iters, 1)
     stop = None if stop is None else v.check_choice("stop", stop, ub.STOP_RULES)
@@ -202,6 +207,12 @@ def sinkhorn(
         geometry = DenseCost(C_solved)
     elif grad == "unroll" and problem.padded:
         geometry = geometry.without_padding_gradient(ab, bb)
+    # "auto": 1e-5, or the dtype's rounding floor at this max|C| / eps where higher; the
+    # float64 Newton polish still aims at 1e-5 (_tolerance.aim).
+    requested = tol
+    if _tolerance.is_auto(tol):
+        scale_of_real = _tolerance.real_cost_scale(geometry, ab, bb)
+        tol = _tolerance.resolve(tol, geometry.dtype, scale_of_real, eps_b)
     if warm is None:
         f0 = _default_init(ab, eps_b)
     else:  # a warm start comes in the user's frame: move it to the shifted cost's
@@ -230,6 +241,7 @@ def sinkhorn(
                     raise
         if polish:
             settings = {"tol": tol, "max_iter": max_iter, "newton": newton}
+            settings.update(newton_tol=_tolerance.aim(requested, tol))
             settings.update(method=method_used, momentum=momentum, backend=backend_used)
             settings.update(eps_scaling=eps_scaling, eps_stage_iters=eps_stage_iters)
             f, g, n_iter, err = _polish.finish(
@@ -456,8 +468,10 @@ def _build_result(
     else:
         value_linear = total((geometry.C * plan).sum(dim=(1, 2)))
     # err: the violation of this plan, both marginals, in float64 (from _refine).
-    converged = err <= (tol if tol is not None else _DEFAULT_TOL)
-    return SinkhornResult(plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
+    reference = tol if tol is not None else _DEFAULT_TOL
+    converged = err <= reference
+    parts = (plan, f, g, value, value_linear, n_iter, err, converged, method, backend)
+    return SinkhornResult(*parts, tol=reference)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -650,4 +664,5 @@ def _unbatch(r: SinkhornResult) -> SinkhornResult:
         r.converged[0],
         r.method,
         r.backend,
+        r.tol,
     )

@@ -141,9 +141,26 @@ class AdversarialProblem:
 
     @property
     def tol(self) -> float:
-        """The tolerance ``converged`` refers to: ``tol``, or 1e-5 when ``tol=None``."""
-        tol = self.kwargs.get("tol", 1e-5)
-        return 1e-5 if tol is None else tol
+        """The tolerance ``converged`` may refer to at most: ``tol``, 1e-5 when
+        ``tol=None``, and for ``tol="auto"`` (the default) the larger of 1e-5 and
+        ``finfo(dtype).eps * max|C_ij| / eps`` over the real entries (``a_i, b_j > 0``)
+        of ``C`` as passed (the solver's own value, ``result.tol``, is computed after it
+        centres ``C``, which can only lower it)."""
+        tol = self.kwargs.get("tol", "auto")
+        if tol is None:
+            return 1e-5
+        if tol != "auto":
+            return tol
+        C = self.C if self.C.dim() == 3 else self.C.unsqueeze(0)
+        real = torch.ones(C.shape, dtype=torch.bool)
+        if self.a is not None:
+            real = real & (self.a.reshape(C.shape[0], -1, 1) > 0)
+        if self.b is not None:
+            real = real & (self.b.reshape(C.shape[0], 1, -1) > 0)
+        scale = torch.where(real, C.detach().double().abs(), 0).amax(dim=(1, 2))
+        eps = torch.as_tensor(self.kwargs["eps"], dtype=torch.float64).detach().reshape(-1)
+        dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+        return max(1e-5, torch.finfo(dtype).eps * float((scale / eps).max()))
 
     def solve(self) -> tuple[SinkhornResult, bool]:
         """Run :func:`~sinkhorn_ot.sinkhorn`; return the result and whether a
@@ -176,7 +193,7 @@ def adversarial_problems(
 
     and a ``grad`` mode (``"implicit"``, ``"envelope"``, ``"unroll"``, ``"none"``; the
     inputs require grad unless ``"none"``), ``method`` ``"log"`` or ``"auto"``, ``tol``
-    in {1e-5, 1e-3, None}, ``eps`` in ``[0.01, 1]`` (times the spread of ``C``),
+    in {1e-5, 1e-3, None, "auto"}, ``eps`` in ``[0.01, 1]`` (times the spread of ``C``),
     batched or not. Weights are valid input: non-negative, equal masses to rounding.
 
     Args:
@@ -258,7 +275,7 @@ def adversarial_problems(
             "eps": eps,
             "grad": draw(st.sampled_from(grad_modes)),
             "method": draw(st.sampled_from(["log", "auto"])),
-            "tol": draw(st.sampled_from([1e-5, 1e-3, None])),
+            "tol": draw(st.sampled_from([1e-5, 1e-3, None, "auto"])),
             "max_iter": 1000,
         }
         if "anneal" in families:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,14 @@ import torch
 import torch.distributed as dist
 from distributed_launch import run_ranks
 
-from sinkhorn_ot import DenseCost, ImplicitGradientError, PointCloud, sinkhorn, sqeuclidean
+from sinkhorn_ot import (
+    DenseCost,
+    ImplicitGradientError,
+    PointCloud,
+    SinkhornConvergenceWarning,
+    sinkhorn,
+    sqeuclidean,
+)
 
 WORLD = 2
 TOL = 1e-10
@@ -114,6 +122,18 @@ def _forward_worker(rank, world):
     _close("float32 offset plan", sharded.plan, full.plan[:, uneven], atol=1e-6)
     _close("float32 offset value", sharded.value / 1e4, full.value / 1e4, atol=1e-6)
     _close("float32 offset g", sharded.g - sharded.g.mean(), full.g - full.g.mean(), atol=5e-3)
+
+    # float32 at a small eps with the default tol="auto": the same rounding-floor
+    # tolerance (above 1e-5) as in one process. (The loop reaches it; the plan's err can
+    # exceed it by rounding, which one process refines and a sharded solve does not.)
+    x, y, a, b = (t.float() for t in _problem(6))
+    small = {"eps": 0.05, "max_iter": 5000}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SinkhornConvergenceWarning)
+        full = sinkhorn(PointCloud(x, y), a, b, **small, backend="torch", newton=False)
+        sharded = sinkhorn(PointCloud(x[:, uneven], y), a[:, uneven], b, **small, group=group)
+    if not (sharded.tol == full.tol > 1e-5 and float(sharded.err.max()) < 1.1 * sharded.tol):
+        raise AssertionError(f"float32 auto tol: {sharded.tol} vs {full.tol}, {sharded.err}")
 
     # A warm start and tol=None (exactly max_iter iterations).
     x, y, a, b = _problem(4)

@@ -56,7 +56,7 @@ def call(**overrides):
         ({"max_iter": -1}, ValueError, r"`max_iter` must be >= 0, got -1"),
         ({"max_iter": 10.0}, TypeError, r"`max_iter` must be an int, got float"),
         ({"tol": 0}, ValueError, r"`tol` must be > 0"),
-        ({"tol": "1e-5"}, TypeError, r"`tol` must be a positive float or None"),
+        ({"tol": "1e-5"}, TypeError, r"`tol` must be a positive float, .auto. or None"),
         ({"eps_scaling": 1.5}, ValueError, r"`eps_scaling` must be None or a float in \(0, 1\)"),
         ({"eps_stage_iters": 0}, ValueError, r"`eps_stage_iters` must be >= 1, got 0"),
         ({"init": (A,)}, TypeError, r"`init` must be a pair \(f, g\)"),
