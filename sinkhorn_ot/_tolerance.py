@@ -77,4 +77,4 @@ def aim(tol, resolved: float | None) -> float | None:
     """What the float64 Newton polish aims for: ``"auto"`` asks for :data:`DEFAULT_TOL`
     (the polish computes in float64, where it is reachable; the returned plan then sits
     at its dtype's floor, within ``resolved``), an explicit ``tol`` for itself."""
-    return min(DEFAULT_TOL, resolved) if is_auto(tol) else resolved
+    return DEFAULT_TOL if is_auto(tol) else resolved
