@@ -67,7 +67,7 @@ class _Batch:
 
 def finish(
     run, geometry, a, b, eps, f, g, n_iter, err, *, tol, max_iter, newton, method, momentum,
-    eps_scaling, eps_stage_iters, backend, newton_tol=None,
+    eps_scaling, eps_stage_iters, backend, newton_tol,
 ):  # fmt: skip
     """Continue or polish the problems the first loop left above ``tol``.
 
@@ -79,8 +79,8 @@ def finish(
         f, g, n_iter, err: what the first loop returned, ``(B, N)``, ``(B, M)``, ``(B,)``.
         tol, max_iter, newton, method, momentum, eps_scaling, eps_stage_iters, backend:
             the call's settings (validated; ``tol`` resolved to a float).
-        newton_tol: what the last Newton stage aims for (``None``: ``tol``). Below
-            ``tol`` for ``tol="auto"`` in float32: the steps compute in float64, so they
+        newton_tol: what the last Newton stage aims for, at most ``tol``: below it for
+            ``tol="auto"`` in float32: the steps compute in float64, so they
             reach ``1e-5`` where the float32 loop stops at its rounding floor
             (:func:`sinkhorn_ot._tolerance.aim`).
 
@@ -118,8 +118,7 @@ def finish(
         index = index[torch.isin(index, state.stalled(tol, max_iter))]
         if len(index) == 0:
             return state.f, state.g, state.n_iter, state.err
-    aim = tol if newton_tol is None else newton_tol
-    _polish(state, loop, budget, geometry, a, b, eps, index, tol, aim, max_iter, momentum,
+    _polish(state, loop, budget, geometry, a, b, eps, index, tol, newton_tol, max_iter, momentum,
             eps_scaling, eps_stage_iters, backend)  # fmt: skip
     return state.f, state.g, state.n_iter, state.err
 

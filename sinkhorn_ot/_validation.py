@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._tolerance import is_auto
 from .options import BACKENDS, GRADS, METHODS, NEWTON  # noqa: F401  (re-exported)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -377,7 +378,7 @@ def check_int(name: str, value: object, minimum: int) -> int:
 def check_tol(tol: object, auto: bool = False) -> float | str | None:
     """A positive float or ``None``; with ``auto``, also ``"auto"`` (resolved by
     :mod:`sinkhorn_ot._tolerance` once the problem is known)."""
-    if tol is None or (auto and isinstance(tol, str) and tol == "auto"):
+    if tol is None or (auto and is_auto(tol)):
         return tol
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
         expected = "a positive float, 'auto' or None" if auto else "a positive float or None"
